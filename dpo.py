@@ -83,7 +83,7 @@ class Args:
     """conservative DPO: assumed probability in [0, 0.5) that a preference label is flipped (sigmoid only)"""
 
     # --- optimizer ---
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-5
     """peak learning rate of AdamW (about 5e-7 to 1e-6 for real LLMs)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
@@ -99,7 +99,7 @@ class Args:
     """pairs per forward pass on each process (a micro-batch)"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated per optimizer step"""
-    num_epochs: int = 3
+    num_epochs: int = 1
     """passes over the training split"""
     max_steps: int = 0
     """cap on optimizer steps (0: no cap, run num_epochs)"""
@@ -113,7 +113,7 @@ class Args:
     """evaluate on the held-out split every this many steps (0: only at the end)"""
     sample_prompts: int = 24
     """built-in task only: held-out prompts to sample completions for at the end (0 skips)"""
-    samples_per_prompt: int = 8
+    samples_per_prompt: int = 32
     """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""

@@ -92,7 +92,7 @@ class Args:
     """examples per forward pass on each process (a micro-batch)"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated per optimizer step"""
-    num_epochs: int = 4
+    num_epochs: int = 8
     """passes over the training split"""
     max_steps: int = 0
     """cap on optimizer steps (0: no cap, run num_epochs)"""
@@ -106,7 +106,7 @@ class Args:
     """evaluate on the held-out split every this many steps (0: only at the end)"""
     sample_prompts: int = 24
     """built-in task only: held-out prompts to sample completions for at the end (0 skips)"""
-    samples_per_prompt: int = 8
+    samples_per_prompt: int = 32
     """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""

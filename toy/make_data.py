@@ -15,7 +15,9 @@ data collected on an SFT model's samples). Formats follow TRL's conventions:
     score/     {"prompt", "completion", "score": float} the true reward, as a rating in [0, 1]
     prompts/   {"prompt"}                               prompts only, for online methods
 
-Labels are noisy as human labels are: a pair of close rewards gets a near coin flip.
+Labels are noisy as human labels are: a pair of close rewards gets a near coin flip. Pairs
+whose two completions have exactly the same true reward are not kept (a labeler would mark
+them as ties, and tie labels would be pure noise).
 """
 
 import json
@@ -28,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toy.task import reward, sample_completion, split_prompts  # noqa: E402
 
 SEED = 0
-BT_SCALE = 5.0
+BT_SCALE = 10.0
 SIZES = {  # rows per split: (train, test)
     "sft": (4000, 400),
-    "pairwise": (2000, 200),
-    "binary": (4000, 400),
-    "score": (4000, 400),
+    "pairwise": (8000, 200),
+    "binary": (8000, 400),
+    "score": (8000, 400),
     "prompts": (1000, 96),
 }
 
@@ -46,7 +48,7 @@ def make_rows(kind, prompts, n, rng):
             rows.append({"prompt": prompt, "completion": sample_completion(prompt, rng)})
         elif kind == "pairwise":
             a, b = sample_completion(prompt, rng), sample_completion(prompt, rng)
-            while b == a:
+            while reward(prompt, a) == reward(prompt, b):  # ties carry no preference: labelers skip them
                 b = sample_completion(prompt, rng)
             p_a = 1.0 / (1.0 + math.exp(-BT_SCALE * (reward(prompt, a) - reward(prompt, b))))
             chosen, rejected = (a, b) if rng.random() < p_a else (b, a)

@@ -27,7 +27,7 @@ A review that only says what was asked, about the right thing, without repeating
 scores 1. Piling up adjectives does not help: sentiment is a mean, and ADJP holds two.
 
 `sample_completion` is the "web text" writer that the SFT data come from: it follows the
-requested sentiment only partly (each sentiment word matches with probability 0.6) and
+requested sentiment only partly (each sentiment word matches with probability 0.75) and
 sometimes reviews the wrong thing, so a policy trained to imitate it leaves clear room for
 alignment.
 """
@@ -62,8 +62,8 @@ WORDS = sorted(
     | {"the", "was", "and", "i", "it", "."}
 )
 
-FOLLOW_PROB = 0.6  # chance that the SFT writer picks a sentiment word of the requested kind
-OFF_TOPIC_PROB = 0.15  # chance that the SFT writer reviews a different subject
+FOLLOW_PROB = 0.75  # chance that the SFT writer picks a sentiment word of the requested kind
+OFF_TOPIC_PROB = 0.3  # chance that the SFT writer reviews a different subject
 OFF_TOPIC_FACTOR = 0.3
 REPETITION_FACTOR = 0.5
 

@@ -1,0 +1,50 @@
+"""dpo_loss against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from dpo import dpo_loss
+
+# Two pairs. Pair 0: rho(y_w) = -5 - (-6) = 1, rho(y_l) = -7 - (-6.5) = -0.5, so h = 1.5.
+# Pair 1: rho(y_w) = -4 - (-3) = -1, rho(y_l) = -2 - (-3) = 1, so h = -2 (the policy prefers y_l).
+POLICY_CHOSEN, POLICY_REJECTED = torch.tensor([-5.0, -4.0]), torch.tensor([-7.0, -2.0])
+REFERENCE_CHOSEN, REFERENCE_REJECTED = torch.tensor([-6.0, -3.0]), torch.tensor([-6.5, -3.0])
+BETA = 0.1
+
+
+def test_sigmoid_loss_by_hand():
+    losses, chosen_rewards, rejected_rewards = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "sigmoid", 0.0)
+    # -log sigmoid(z) = log(1 + exp(-z)), z = beta * h
+    assert losses.tolist() == pytest.approx([0.6209570, math.log(1 + math.exp(0.2))], abs=1e-6)
+    assert losses[0].item() == pytest.approx(math.log(1 + math.exp(-0.15)), abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1], abs=1e-6)
+    assert rejected_rewards.tolist() == pytest.approx([-0.05, 0.1], abs=1e-6)
+
+
+def test_label_smoothing_by_hand():
+    losses, _, _ = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "sigmoid", 0.2)
+    # -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)
+    expected0 = 0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15))
+    expected1 = 0.8 * math.log(1 + math.exp(0.2)) + 0.2 * math.log(1 + math.exp(-0.2))
+    assert losses.tolist() == pytest.approx([expected0, expected1], abs=1e-6)
+    assert expected0 == pytest.approx(0.6509570, abs=1e-6)
+
+
+def test_ipo_loss_by_hand():
+    losses, _, _ = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "ipo", 0.0)
+    # (h - 1 / (2 beta))^2 with 1 / (2 * 0.1) = 5
+    assert losses.tolist() == pytest.approx([(1.5 - 5) ** 2, (-2 - 5) ** 2], abs=1e-5)
+    assert losses.tolist() == pytest.approx([12.25, 49.0], abs=1e-5)
+
+
+def test_gradient_pushes_chosen_up_and_rejected_down():
+    policy_chosen = POLICY_CHOSEN.clone().requires_grad_(True)
+    policy_rejected = POLICY_REJECTED.clone().requires_grad_(True)
+    losses, _, _ = dpo_loss(policy_chosen, policy_rejected, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "sigmoid", 0.0)
+    losses.sum().backward()
+    # d/dlogp_w [-log sigmoid(beta h)] = -beta * sigmoid(-beta h)
+    expected = [-BETA / (1 + math.exp(0.15)), -BETA / (1 + math.exp(-0.2))]
+    assert policy_chosen.grad.tolist() == pytest.approx(expected, abs=1e-6)
+    assert policy_rejected.grad.tolist() == pytest.approx([-g for g in expected], abs=1e-6)
