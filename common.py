@@ -174,6 +174,14 @@ def load_rows(dataset, split, kind):
     return rows
 
 
+def unpair_rows(rows, seed):
+    """Pairwise rows -> unpaired rows: each chosen completion labeled True (desirable, thumbs
+    up) and each rejected one False, then shuffled so that a batch is not all one label."""
+    unpaired = [{"prompt": r["prompt"], "completion": r[field], "label": field == "chosen"} for r in rows for field in ("chosen", "rejected")]
+    random.Random(seed).shuffle(unpaired)
+    return unpaired
+
+
 def _is_messages(value):
     return (
         isinstance(value, list)
@@ -305,6 +313,11 @@ def build_batch(prompt_ids, completion_ids, pad_token_id, padding_side="right"):
         attention_mask[i, start:end] = 1
         labels[i, start + len(p) : end] = torch.tensor(c)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_completions(examples, pad_token_id):
+    """One batch of single completions (B rows) from examples with prompt_ids and completion_ids."""
+    return build_batch([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], pad_token_id)
 
 
 def collate_pairs(examples, pad_token_id):
@@ -458,11 +471,13 @@ def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_n
     report the mean true reward and, if `reference` is given, the sampled KL estimate
     KL(policy || reference) ~ mean over y ~ policy of [log policy(y|x) - log reference(y|x)].
 
-    A completion cut off at `max_new_tokens` never ended and scores 0. Work is split over
+    A completion cut off at `max_new_tokens` never ended and scores 0; `grammatical` is the
+    fraction of samples that ended and parse in the task's grammar (over-optimized policies
+    drift out of it). Work is split over
     ranks (each samples with its own seed) and gathered. Returns a dict of metrics and a few
     example completions.
     """
-    from toy.task import reward
+    from toy.task import parse_completion, reward
 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     policy = policy.module if hasattr(policy, "module") else policy  # sample with the bare model, not DDP
@@ -485,7 +500,10 @@ def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_n
                 kls = (policy_logps - reference_logps).tolist()
         for prompt, ids, end, kl in zip(jobs[i : i + batch_size], completions, ended, kls):
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            records.append({"prompt": prompt, "completion": text, "ended": end, "reward": reward(prompt, text) if end else 0.0, "kl": kl, "length": len(ids)})
+            records.append({
+                "prompt": prompt, "completion": text, "ended": end, "grammatical": end and parse_completion(text) is not None,
+                "reward": reward(prompt, text) if end else 0.0, "kl": kl, "length": len(ids),
+            })  # fmt: skip
     policy.train(was_training)
     records = gather_lists(records)
     n = len(records)
@@ -496,6 +514,7 @@ def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_n
         "reward_stderr": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, n - 1) / n),
         "kl": sum(r["kl"] for r in records) / n if reference is not None else None,
         "ended_with_eos": sum(r["ended"] for r in records) / n,
+        "grammatical": sum(r["grammatical"] for r in records) / n,
         "length": sum(r["length"] for r in records) / n,
         "num_samples": n,
         "examples": records[:: max(1, n // 8)][:8],

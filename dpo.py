@@ -72,7 +72,7 @@ class Args:
     output_dir: str = "runs/dpo"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
-    """seed of initialization-free randomness: data order and sampling"""
+    """seed of the data order (the same on every rank) and of sampling (offset by the rank)"""
 
     # --- algorithm ---
     beta: float = 0.1
@@ -167,6 +167,8 @@ if __name__ == "__main__":
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     if not 0 <= args.label_smoothing < 0.5:
         raise SystemExit(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing > 0 and args.loss_type != "sigmoid":
+        raise SystemExit("--label-smoothing applies to --loss-type sigmoid only")
     if args.max_prompt_length >= args.max_length:
         raise SystemExit(f"--max-prompt-length ({args.max_prompt_length}) must be below --max-length ({args.max_length})")
     if master_process:

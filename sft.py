@@ -73,7 +73,7 @@ class Args:
     output_dir: str = "runs/sft"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
-    """seed of all randomness: initialization from scratch, data order and sampling"""
+    """seed of initialization from scratch, the data order (the same on every rank) and sampling (offset by the rank)"""
 
     # --- optimizer ---
     learning_rate: float = 3e-3

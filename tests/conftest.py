@@ -23,10 +23,11 @@ def tiny():
     return load_model("toy/sft-policy", torch.device("cpu")).eval(), load_tokenizer("toy/sft-policy")
 
 
-def run_script(script, args, nproc=1, timeout=600):
-    """Run `script` with `args` (1 process: python; more: torchrun) from the repository root.
-    Returns the list of metrics.jsonl records; fails the test with the output on error."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def run_script(script, args, nproc=1, timeout=600, threads=1):
+    """Run `script` with `args` (1 process: python; more: torchrun) from the repository root,
+    offline, with `threads` CPU threads per process. Returns (metrics.jsonl records, output);
+    fails the test with the output on error."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if nproc == 1:
         cmd = [sys.executable, script]
     else:

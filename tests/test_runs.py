@@ -60,10 +60,12 @@ def test_sft_reproduces_the_committed_policy(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "sft"
-    run_script("sft.py", ["--output-dir", str(out)])
+    # toy/sft-policy was trained with 2 CPU threads; another thread count sums in another
+    # order, and after 500 steps the weights differ (the reward stays within noise)
+    run_script("sft.py", ["--output-dir", str(out)], threads=2)
     committed = json.load(open(REPO / "toy/sft-policy/eval.json"))["trained_policy"]["reward"]
     reproduced = json.load(open(out / "eval.json"))["trained_policy"]["reward"]
     assert reproduced == pytest.approx(committed, abs=0.03)
     a, b = load_file(out / "model.safetensors"), load_file(REPO / "toy/sft-policy/model.safetensors")
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    assert all(torch.equal(a[k], b[k]) for k in a)
