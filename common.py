@@ -429,17 +429,16 @@ def save_model(model, tokenizer, output_dir):
 
 
 def unique_prompts(rows):
-    seen = {}
-    for row in rows:
-        key = json.dumps(row["prompt"])
-        seen.setdefault(key, row["prompt"])
-    return list(seen.values())
+    """The distinct prompts of `rows`, sorted, so that every script (whatever the order of its
+    data file) samples the same held-out prompts in the same order."""
+    return [json.loads(key) for key in sorted({json.dumps(row["prompt"]) for row in rows})]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
     """Sample one completion per prompt (KV-cached). Returns completion token lists, each
-    cut after its first EOS, and whether each ended with EOS (or ran out of tokens)."""
+    cut after its first EOS, and whether each ended with EOS (False: it ran out of
+    `max_new_tokens`)."""
     model = model.module if hasattr(model, "module") else model
     batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

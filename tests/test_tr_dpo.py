@@ -1,0 +1,111 @@
+"""tr_dpo.py: the reference update in-process, and short runs against dpo.py."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from tr_dpo import update_reference
+
+SHORT = ["--max-steps", "4", "--sample-prompts", "0", "--per-device-batch-size", "8"]
+
+
+def two_different_models():
+    """(policy, reference): the built-in task's architecture (tied embeddings, rotary buffers)
+    with every parameter drawn at random, differently in each, and different rotary buffers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(REPO / "toy/sft-policy")
+    policy, reference = AutoModelForCausalLM.from_config(config), AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for seed, model in enumerate((policy, reference)):
+            torch.manual_seed(seed)
+            for p in model.parameters():
+                p.normal_()  # also the norm weights, which from_config sets to 1 in both
+    policy.model.rotary_emb.inv_freq.mul_(2)  # a buffer the update must leave alone
+    return policy, reference.requires_grad_(False)
+
+
+def test_soft_update_matches_the_formula_parameter_by_parameter():
+    policy, reference = two_different_models()
+    alpha = 0.3
+    before = {n: p.clone() for n, p in reference.named_parameters()}
+    policy_before = {n: p.clone() for n, p in policy.named_parameters()}
+    buffer_before = reference.model.rotary_emb.inv_freq.clone()
+    distance = update_reference(policy, reference, alpha)
+
+    params = dict(reference.named_parameters())
+    assert len(params) == 38 and "model.embed_tokens.weight" in params
+    for name, p in policy.named_parameters():
+        assert not torch.equal(policy_before[name], before[name]), name  # the two models differ
+        expected = alpha * policy_before[name] + (1 - alpha) * before[name]
+        torch.testing.assert_close(params[name], expected, rtol=0, atol=1e-6)
+        assert torch.equal(p, policy_before[name]), name  # the policy is not touched
+    assert torch.equal(reference.model.rotary_emb.inv_freq, buffer_before)
+    expected_distance = math.sqrt(sum(((policy_before[n] - params[n]) ** 2).sum().item() for n in params))
+    assert distance == pytest.approx(expected_distance, rel=1e-5)
+    # the distance shrinks by exactly the factor (1 - alpha)
+    initial_distance = math.sqrt(sum(((policy_before[n] - before[n]) ** 2).sum().item() for n in params))
+    assert distance == pytest.approx((1 - alpha) * initial_distance, rel=1e-5)
+
+
+def test_hard_update_copies_the_policy_exactly_and_alpha_zero_changes_nothing():
+    policy, reference = two_different_models()
+    before = {n: p.clone() for n, p in reference.named_parameters()}
+    assert update_reference(policy, reference, 0.0) > 0
+    assert all(torch.equal(p, before[n]) for n, p in reference.named_parameters())
+    assert update_reference(policy, reference, 1.0) == 0.0
+    policy_params = dict(policy.named_parameters())
+    assert all(torch.equal(p, policy_params[n]) for n, p in reference.named_parameters())
+    assert not torch.equal(reference.model.rotary_emb.inv_freq, policy.model.rotary_emb.inv_freq)
+
+
+@pytest.fixture(scope="module")
+def dpo_records(tmp_path_factory):
+    records, _ = run_script("dpo.py", SHORT + ["--output-dir", str(tmp_path_factory.mktemp("dpo"))])
+    return records
+
+
+def step_losses(records):
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("alpha, tau", [(0.0, 1), (0.6, 5)])
+def test_alpha_zero_or_tau_beyond_the_run_is_exactly_dpo(tmp_path, dpo_records, alpha, tau):
+    records, _ = run_script("tr_dpo.py", SHORT + ["--ref-mixup-alpha", str(alpha), "--ref-sync-steps", str(tau), "--output-dir", str(tmp_path)])
+    assert len(step_losses(records)) == 4 and step_losses(records)[-1] != step_losses(records)[0]
+    assert step_losses(records) == step_losses(dpo_records)
+    assert [r["rewards/margins"] for r in records if "loss" in r] == [r["rewards/margins"] for r in dpo_records if "loss" in r]
+    assert records[-1]["eval/loss"] == dpo_records[-1]["eval/loss"]
+    syncs = [r["ref/param_distance"] for r in records if "ref/param_distance" in r]
+    assert len(syncs) == (4 if tau == 1 else 0) and all(d > 0 for d in syncs)
+
+
+def test_hard_update_every_step_keeps_the_reference_equal_to_the_policy(tmp_path):
+    out = tmp_path / "hard"
+    args = SHORT[:2] + ["--sample-prompts", "1", "--samples-per-prompt", "4", "--per-device-batch-size", "8"]
+    records, _ = run_script("tr_dpo.py", args + ["--ref-mixup-alpha", "1", "--ref-sync-steps", "1", "--output-dir", str(out)])
+    steps = [r for r in records if "loss" in r]
+    assert [r["ref/param_distance"] for r in steps] == [0.0] * 4
+    # every step starts with reference == policy: h = 0 and the loss is log 2, while the policy moves
+    assert all(r["loss"] == pytest.approx(math.log(2), abs=1e-7) and r["rewards/margins"] == 0.0 for r in steps)
+    assert all(r["grad_norm"] > 0 for r in steps)
+    # the end-of-run evaluation is against the starting policy, not the moved reference (which equals the policy)
+    results = json.load(open(out / "eval.json"))
+    assert results["eval/loss"] != pytest.approx(math.log(2), abs=1e-6)
+    assert results["trained_policy"]["kl"] != 0.0
+
+
+def test_two_processes_match_one_with_syncs_inside_the_run(tmp_path, dpo_records):
+    sync = ["--ref-mixup-alpha", "0.5", "--ref-sync-steps", "2"]
+    one, _ = run_script("tr_dpo.py", SHORT + sync + ["--output-dir", str(tmp_path / "one")])
+    two, _ = run_script("tr_dpo.py", SHORT[:4] + ["--per-device-batch-size", "4"] + sync + ["--output-dir", str(tmp_path / "two")], nproc=2)
+    assert step_losses(two) == pytest.approx(step_losses(one), abs=1e-5)
+    distances = [[r["ref/param_distance"] for r in run if "ref/param_distance" in r] for run in (one, two)]
+    assert len(distances[0]) == 2 and distances[1] == pytest.approx(distances[0], rel=1e-4)
+    # the syncs matter: after the first one (step 2) the run leaves dpo.py's path
+    assert step_losses(one)[:2] == step_losses(dpo_records)[:2]
+    assert step_losses(one)[2] != pytest.approx(step_losses(dpo_records)[2], abs=1e-6)
+    assert two[-1]["eval/loss"] == pytest.approx(one[-1]["eval/loss"], abs=1e-5)

@@ -1,0 +1,155 @@
+"""una_online.py: the loss and the generated-token mask by hand, and short runs (built-in
+reward, a reward model, two processes)."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common import IGNORE_INDEX, build_batch, generate, sequence_logps
+from conftest import run_script
+from una_online import normalize_rewards, una_online_loss
+
+V = 40  # vocabulary of the fake models
+EOS, PAD = 3, 0
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are the same vector at every position, so that log pi of each
+    token is known in closed form: log pi(t) = logits[t] - log sum_v exp(logits[v])."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits  # (V,)
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache):
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, V))  # (B, T, V)
+
+
+def test_loss_and_generated_token_mask_by_hand():
+    # Three samples as common.generate returns them with --max-new-tokens 4: the first ended
+    # early with EOS (what the model produced after it was cut off), the second never ended,
+    # the third ended with EOS on its last token.
+    prompts = [[2, 10, 11], [2, 12], [2, 13, 14, 15]]
+    completions = [[20, EOS], [21, 22, 23, 24], [25, 26, 27, EOS]]
+    batch = build_batch(prompts, completions, PAD)
+    X = IGNORE_INDEX
+    assert batch["input_ids"].tolist() == [
+        [2, 10, 11, 20, EOS, PAD, PAD, PAD],
+        [2, 12, 21, 22, 23, 24, PAD, PAD],
+        [2, 13, 14, 15, 25, 26, 27, EOS],
+    ]
+    assert batch["labels"].tolist() == [
+        [X, X, X, 20, EOS, X, X, X],  # prompt, and everything after EOS, masked
+        [X, X, 21, 22, 23, 24, X, X],
+        [X, X, X, X, 25, 26, 27, EOS],
+    ]
+
+    # policy: uniform, log pi = -log V per token; reference: logits 0.1 * token id
+    policy, reference = FixedLogits(torch.zeros(V)), FixedLogits(0.1 * torch.arange(V, dtype=torch.float32))
+    policy_logps, num_tokens = sequence_logps(policy, **batch)
+    reference_logps, _ = sequence_logps(reference, **batch)
+    assert num_tokens.tolist() == [2, 4, 4]
+    log_z = math.log(sum(math.exp(0.1 * v) for v in range(V)))
+    expected_rho = [sum(-math.log(V) - (0.1 * t - log_z) for t in c) for c in completions]
+    assert policy_logps.tolist() == pytest.approx([-n * math.log(V) for n in (2, 4, 4)], abs=1e-4)
+
+    # built-in reward (already in [0, 1]); the sample without EOS scored 0
+    scores, ended = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([True, False, True])
+    rewards = normalize_rewards(scores, ended, (0.0, 1.0), 0.0)
+    assert rewards.tolist() == [1.0, 0.0, 0.5]
+    beta = 0.5
+    losses, implicit_scores, logratios = una_online_loss(policy_logps, reference_logps, rewards, beta)
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))
+    assert logratios.tolist() == pytest.approx(expected_rho, abs=1e-4)
+    assert implicit_scores.tolist() == pytest.approx([sigmoid(beta * r) for r in expected_rho], abs=1e-5)
+    assert losses.tolist() == pytest.approx([(sigmoid(beta * r) - s) ** 2 for r, s in zip(expected_rho, [1.0, 0.0, 0.5])], abs=1e-5)
+
+    # the gradient reaches the policy's log-probs only
+    policy_logps = policy_logps.clone().requires_grad_(True)
+    una_online_loss(policy_logps, reference_logps, rewards, beta)[0].sum().backward()
+    s = [sigmoid(beta * r) for r in expected_rho]
+    # d/d logp of (sigmoid(beta rho) - s_phi)^2 = 2 (s_theta - s_phi) s_theta (1 - s_theta) beta
+    assert policy_logps.grad.tolist() == pytest.approx([2 * (q - p) * q * (1 - q) * beta for q, p in zip(s, [1.0, 0.0, 0.5])], abs=1e-5)
+
+
+def test_normalization_sigmoid_range_and_missing_eos_penalty():
+    scores, ended = torch.tensor([2.0, 2.0, -1.0, 7.0]), torch.tensor([True, False, True, True])
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))
+    # the paper: sigmoid of the raw score; the authors' code: 1.0 off the score of a sample without EOS
+    assert normalize_rewards(scores, ended, None, 1.0).tolist() == pytest.approx([sigmoid(2), sigmoid(1), sigmoid(-1), sigmoid(7)], abs=1e-6)
+    # min-max to [0, 1], clipped
+    assert normalize_rewards(scores, ended, (-2.0, 6.0), 0.0).tolist() == pytest.approx([0.5, 0.5, 0.125, 1.0], abs=1e-6)
+
+
+def test_sampled_completions_are_cut_after_eos_and_only_they_are_scored(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    prompts = [tokenizer("write a positive review of the pizza :")["input_ids"]] * 16
+    completions, ended = generate(model, tokenizer, prompts, 7, torch.device("cpu"))
+    assert any(ended) and not all(ended), "the batch must mix samples that ended and samples that ran out of tokens"
+    for c, e in zip(completions, ended):
+        assert (c.count(tokenizer.eos_token_id), c[-1] == tokenizer.eos_token_id) == ((1, True) if e else (0, False))
+        assert len(c) == 7 or e
+    batch = build_batch(prompts, completions, tokenizer.pad_token_id)
+    assert (batch["labels"] != IGNORE_INDEX).sum(-1).tolist() == [len(c) for c in completions]
+
+
+def test_short_run_with_the_builtin_reward(tmp_path):
+    out = tmp_path / "una"
+    records, log = run_script("una_online.py", [
+        "--max-steps", "4", "--updates-per-batch", "2", "--per-device-batch-size", "8", "--log-samples-every", "2",
+        "--sample-prompts", "2", "--samples-per-prompt", "2", "--output-dir", str(out),
+    ])  # fmt: skip
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    keys = ("loss", "reward/mean", "reward/std", "s_phi", "s_theta", "kl", "completion_length", "ended_with_eos", "time/generate", "time/score", "time/train")
+    assert all(math.isfinite(r[k]) for r in records for k in keys)
+    first, second = records[0], records[1]
+    # the policy starts equal to the reference: rho = 0, s_theta = 1/2, and the built-in reward is s_phi itself
+    assert first["kl"] == pytest.approx(0, abs=1e-5) and first["s_theta"] == pytest.approx(0.5, abs=1e-6)
+    assert first["s_phi"] == pytest.approx(first["reward/mean"], abs=1e-6)
+    mean_square = first["reward/std"] ** 2 + first["reward/mean"] ** 2
+    assert first["loss"] == pytest.approx(0.25 - first["reward/mean"] + mean_square, abs=1e-5)  # mean (1/2 - s_phi)^2
+    # the second update trains on the same samples without generating again
+    assert second["reward/mean"] == first["reward/mean"] and second["time/generate"] == 0 and first["time/generate"] > 0
+    assert second["s_theta"] != first["s_theta"]
+    results = json.load(open(out / "eval.json"))
+    assert results["trained_policy"]["num_samples"] == 4 and results["starting_policy"]["kl"] is None
+    assert "step 2, samples (reward | prompt | completion)" in log
+
+
+def test_short_run_with_a_reward_model_on_the_prompts_of_a_pairwise_dataset(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from common import load_tokenizer
+
+    tokenizer = load_tokenizer("toy/sft-policy")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    records, _ = run_script("una_online.py", [
+        "--reward-model", str(tmp_path / "rm"), "--dataset", "toy/data/pairwise", "--missing-eos-penalty", "1.0",
+        "--max-steps", "2", "--per-device-batch-size", "8", "--sample-prompts", "0", "--output-dir", str(tmp_path / "una"),
+    ])  # fmt: skip
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["reward/mean"]) and 0 < r["s_phi"] < 1
+    # a random model's scores are not in [0, 1]: s_phi is their sigmoid, not the scores
+    assert records[0]["s_phi"] != pytest.approx(records[0]["reward/mean"], abs=1e-3)
+
+
+def test_two_processes_match_one_process_with_greedy_samples(tmp_path):
+    # --top-p 1e-6 keeps only the most likely token: the samples no longer depend on the
+    # per-rank seed, so 2 ranks x 4 prompts must train exactly like 1 rank x 8 prompts.
+    greedy = ["--top-p", "1e-6", "--max-steps", "3", "--sample-prompts", "0", "--learning-rate", "1e-4"]
+    one, _ = run_script("una_online.py", greedy + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    two, _ = run_script("una_online.py", greedy + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "two")], nproc=2)
+    for key in ("loss", "reward/mean", "s_theta", "kl", "completion_length"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
+    assert one[-1]["kl"] != 0  # the policy moved

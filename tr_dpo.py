@@ -1,0 +1,358 @@
+"""TR-DPO: DPO with a trust-region reference (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656).
+
+This is dpo.py (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290) with one change: the
+reference is not frozen. Every tau optimizer steps it moves towards the policy, in parameter
+space (the soft and hard updates of 2404.09656):
+
+    h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
+    L = -log sigmoid(beta * h)                                        (Eq. 7 of 2305.18290)
+    every tau steps:  theta_ref <- alpha * theta + (1 - alpha) * theta_ref
+
+alpha = 1 is the hard update (copy the policy into the reference); alpha = 0, or tau longer
+than the run, is exactly DPO. `--loss-type ipo` gives TR-IPO; label smoothing gives TR-cDPO.
+The update matters once beta * h is of order 1: while it is small, sigmoid(-beta * h) stays
+near 1/2 whatever the reference, and the gradient is nearly DPO's (on the built-in task at the
+default learning rate, the mean beta * h stays below 0.1 and TR-DPO ends where DPO does).
+
+Departures from dpo.py, besides the update:
+1. `ref/param_distance` (global L2 norm of theta - theta_ref, after the update) is logged at
+   every sync step.
+2. The end-of-run evaluation (held-out loss and accuracy, true reward, KL) is measured against
+   the STARTING policy, reloaded from --model-name after training, so that eval.json compares
+   with dpo.py's as is; evaluations during training (--eval-every) use the current reference,
+   the one the loss is computed against.
+
+Run:
+    python tr_dpo.py                                   # built-in task, CPU, about a minute
+    torchrun --nproc_per_node 8 tr_dpo.py --model-name Qwen/Qwen2-0.5B-Instruct \\
+        --dataset trl-lib/ultrafeedback_binarized --learning-rate 1e-6 --beta 0.05 \\
+        --ref-mixup-alpha 0.6 --ref-sync-steps 512 --per-device-batch-size 4 \\
+        --gradient-accumulation-steps 2 --max-length 1024 --max-prompt-length 512
+    torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $ADDR --nproc_per_node 8 tr_dpo.py ...
+
+Outputs in --output-dir: metrics.jsonl (one line per step), eval.json, args.json, and the
+trained policy in Hugging Face format.
+"""
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (
+    TruncationStats,
+    MetricsLog,
+    all_reduce_sum,
+    autocast_context,
+    cleanup_distributed,
+    collate_pairs,
+    epoch_batches,
+    is_toy_prompts,
+    load_model,
+    load_rows,
+    load_tokenizer,
+    lr_lambda,
+    micro_batch,
+    print0,
+    sample_eval,
+    save_args,
+    save_model,
+    seed_everything,
+    sequence_logps,
+    setup_distributed,
+    tokenize_examples,
+    unique_prompts,
+)
+
+
+@dataclass
+class Args:
+    # --- model and data ---
+    model_name: str = "toy/sft-policy"
+    """hub id or local path of the starting policy (usually SFT); the reference starts as a copy"""
+    dataset: str = "toy/data/pairwise"
+    """hub id, local folder, or .json/.jsonl/.parquet file of {"prompt", "chosen", "rejected"} rows"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """held-out split for evaluation ('' to skip)"""
+    output_dir: str = "runs/tr_dpo"
+    """where metrics, evaluation and the trained model are written"""
+    seed: int = 1
+    """seed of the data order (the same on every rank) and of sampling (offset by the rank)"""
+
+    # --- algorithm ---
+    beta: float = 0.1
+    """strength of the KL penalty to the current reference: larger stays closer (the TR-DPO paper: 0.05)"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO (Eq. 7 of 2305.18290); ipo: IPO (Eq. 17 of 2310.12036) on length-averaged log-probs"""
+    label_smoothing: float = 0.0
+    """conservative DPO: assumed probability in [0, 0.5) that a preference label is flipped (sigmoid only)"""
+    ref_mixup_alpha: float = 0.6
+    """alpha in [0, 1] of the reference update theta_ref <- alpha * theta + (1 - alpha) * theta_ref (1: hard update, 0: DPO; paper: 0.6)"""
+    ref_sync_steps: int = 32
+    """tau: optimizer steps between reference updates (32: 7 updates in the built-in task's 250 steps; paper: 512)"""
+
+    # --- optimizer ---
+    learning_rate: float = 1e-5
+    """peak learning rate of AdamW (about 5e-7 to 1e-6 for real LLMs; the TR-DPO paper: 1e-6 with beta 0.05)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_ratio: float = 0.1
+    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay of the learning rate after warmup"""
+    max_grad_norm: float = 10.0
+    """gradient clipping threshold (global L2 norm)"""
+
+    # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
+    per_device_batch_size: int = 32
+    """pairs per forward pass on each process (a micro-batch)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches accumulated per optimizer step"""
+    num_epochs: int = 1
+    """passes over the training split"""
+    max_steps: int = 0
+    """cap on optimizer steps (0: no cap, run num_epochs)"""
+    max_length: int = 64
+    """longest prompt + completion in tokens; longer completions are cut at the end"""
+    max_prompt_length: int = 32
+    """longest prompt in tokens; longer prompts keep their last tokens"""
+
+    # --- evaluation ---
+    eval_every: int = 0
+    """evaluate on the held-out split every this many steps (0: only at the end)"""
+    sample_prompts: int = 24
+    """built-in task only: held-out prompts to sample completions for at the end (0 skips)"""
+    samples_per_prompt: int = 32
+    """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
+    max_new_tokens: int = 32
+    """longest sampled completion; one that has not ended by then scores 0"""
+
+    # --- hardware ---
+    bf16: Optional[bool] = None
+    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+    gradient_checkpointing: Optional[bool] = None
+    """recompute activations in the backward pass to save memory (default: on for GPU)"""
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta, loss_type, label_smoothing):
+    """DPO / cDPO / IPO loss of a batch of pairs.
+
+    Each argument is a (B,) tensor of log pi(y|x) summed over completion tokens (for IPO,
+    averaged over them). Returns (losses, chosen_rewards, rejected_rewards), each (B,); the
+    rewards are the implicit rewards beta * (log pi - log ref), detached.
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,) rho(x, y_w)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,) rho(x, y_l)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    if loss_type == "sigmoid":
+        # Eq. 7 of 2305.18290; with label smoothing eps, the conservative DPO loss
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        # Eq. 17 of 2310.12036: regress h onto 1 / (2 beta)
+        losses = (h - 1 / (2 * beta)) ** 2
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def update_reference(policy, reference, alpha):
+    """The trust-region reference update of TR-DPO (arXiv 2404.09656), in place on `reference`:
+
+        theta_ref <- alpha * theta + (1 - alpha) * theta_ref
+
+    over the floating-point parameters this process holds (under DDP, those of policy.module;
+    every rank holds the same weights, so every rank keeps the same reference). alpha = 1 is
+    the paper's hard update (an exact copy); buffers such as rotary frequencies are not trained
+    and stay as they are. Returns the global L2 norm of theta - theta_ref after the update.
+    """
+    policy = policy.module if hasattr(policy, "module") else policy
+    policy_params, reference_params = dict(policy.named_parameters()), dict(reference.named_parameters())
+    if policy_params.keys() != reference_params.keys():
+        raise ValueError("the policy and the reference have different parameters")
+    names = [n for n, p in reference_params.items() if p.is_floating_point()]
+    # lerp_(end, w) = start + w * (end - start), computed as end - (1 - w) * (end - start) for w >= 0.5: exact at w = 1
+    torch._foreach_lerp_([reference_params[n] for n in names], [policy_params[n] for n in names], alpha)
+    distances = torch.stack([torch.linalg.vector_norm(policy_params[n] - reference_params[n]) for n in names])  # (num_params,)
+    return torch.linalg.vector_norm(distances).item()
+
+
+def forward_pairs(model, batch, loss_type):
+    """Log-probs of chosen and rejected in one forward pass over the 2B concatenated rows."""
+    logps, num_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
+    if loss_type == "ipo":
+        logps = logps / num_tokens
+    B = len(logps) // 2
+    return logps[:B], logps[B:], num_tokens
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    # ------------------------------------------------------------------ setup
+    rank, world_size, device = setup_distributed()
+    master_process = rank == 0
+    seed_everything(args.seed)  # the same on every rank: same data order, same start
+    bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
+    gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
+    global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
+    if not 0 <= args.label_smoothing < 0.5:
+        raise SystemExit(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing > 0 and args.loss_type != "sigmoid":
+        raise SystemExit("--label-smoothing applies to --loss-type sigmoid only")
+    if not 0 <= args.ref_mixup_alpha <= 1:
+        raise SystemExit(f"--ref-mixup-alpha must be in [0, 1], got {args.ref_mixup_alpha}")
+    if args.ref_sync_steps < 1:
+        raise SystemExit(f"--ref-sync-steps must be at least 1, got {args.ref_sync_steps}")
+    if args.max_prompt_length >= args.max_length:
+        raise SystemExit(f"--max-prompt-length ({args.max_prompt_length}) must be below --max-length ({args.max_length})")
+    if master_process:
+        save_args(args, args.output_dir)
+    print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} pairs")
+
+    # ------------------------------------------------------------------ data
+    tokenizer = load_tokenizer(args.model_name)
+    train_rows = load_rows(args.dataset, args.train_split, "pairwise")
+    eval_rows = load_rows(args.dataset, args.eval_split, "pairwise") if args.eval_split else []
+    stats = TruncationStats()
+    train_examples = tokenize_examples(tokenizer, train_rows, ["chosen", "rejected"], args.max_length, args.max_prompt_length, stats, f"{args.dataset} [{args.train_split}]")
+    eval_examples = tokenize_examples(tokenizer, eval_rows, ["chosen", "rejected"], args.max_length, args.max_prompt_length, stats, f"{args.dataset} [{args.eval_split}]")
+    print0(f"tokenized {stats.summary(args.max_length, args.max_prompt_length)}")
+    batches_per_epoch = len(train_examples) // global_batch_size
+    if batches_per_epoch == 0:
+        raise SystemExit(f"{args.dataset} [{args.train_split}] has {len(train_examples)} rows, fewer than one global batch of {global_batch_size}")
+    total_steps = batches_per_epoch * args.num_epochs
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    leftover = len(train_examples) - batches_per_epoch * global_batch_size
+    print0(
+        f"{len(train_examples)} training pairs, {batches_per_epoch} steps per epoch, {total_steps} steps"
+        + (f"; each epoch's last {leftover} pairs (a new random draw every epoch) wait for the next epoch" if leftover else "")
+    )
+
+    # ------------------------------------------------------------------ models
+    policy = load_model(args.model_name, device)
+    reference = load_model(args.model_name, device).eval().requires_grad_(False)  # moves towards the policy every tau steps
+    if gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    if world_size > 1:
+        policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    warmup_steps = int(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
+
+    def evaluate():
+        """Loss and reward accuracy on the held-out pairs (split over ranks, summed)."""
+        policy.eval()
+        totals = [0.0, 0.0, 0.0, 0.0]  # loss, accuracy, margin, count
+        with torch.no_grad(), autocast_context(device, bf16):
+            for i in range(rank * args.per_device_batch_size, len(eval_examples), world_size * args.per_device_batch_size):
+                batch = {k: v.to(device) for k, v in collate_pairs(eval_examples[i : i + args.per_device_batch_size], tokenizer.pad_token_id).items()}
+                policy_chosen_logps, policy_rejected_logps, _ = forward_pairs(policy, batch, args.loss_type)
+                reference_chosen_logps, reference_rejected_logps, _ = forward_pairs(reference, batch, args.loss_type)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, args.beta, args.loss_type, args.label_smoothing)
+                margins = chosen_rewards - rejected_rewards
+                totals = [t + x for t, x in zip(totals, [losses.sum().item(), (margins > 0).sum().item(), margins.sum().item(), len(losses)])]
+        policy.train()
+        loss, accuracy, margin, count = all_reduce_sum(totals, device)
+        return {"eval/loss": loss / count, "eval/rewards/accuracies": accuracy / count, "eval/rewards/margins": margin / count}
+
+    # ------------------------------------------------------------------ training
+    metrics_log = MetricsLog(args.output_dir, master_process)
+    progress = tqdm(total=total_steps, disable=not master_process, desc="tr_dpo")
+    start_time = time.time()
+    step = 0
+    for epoch in range(args.num_epochs):
+        for batch_indices in epoch_batches(len(train_examples), global_batch_size, args.seed, epoch):
+            if step >= total_steps:
+                break
+            step_start = time.time()
+            sums = torch.zeros(8, device=device)  # summed over this rank's pairs, then over ranks
+            for micro_step in range(args.gradient_accumulation_steps):
+                examples = [train_examples[i] for i in micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)]
+                batch = {k: v.to(device) for k, v in collate_pairs(examples, tokenizer.pad_token_id).items()}
+                last_micro_step = micro_step == args.gradient_accumulation_steps - 1
+                with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
+                    policy_chosen_logps, policy_rejected_logps, num_tokens = forward_pairs(policy, batch, args.loss_type)
+                    with torch.no_grad():
+                        reference_chosen_logps, reference_rejected_logps, _ = forward_pairs(reference, batch, args.loss_type)
+                    losses, chosen_rewards, rejected_rewards = dpo_loss(
+                        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                        args.beta, args.loss_type, args.label_smoothing,
+                    )
+                    (losses.mean() / args.gradient_accumulation_steps).backward()
+                sums += torch.stack([
+                    losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                    (chosen_rewards > rejected_rewards).float().sum(),
+                    policy_chosen_logps.detach().sum(), policy_rejected_logps.detach().sum(),
+                    batch["attention_mask"].sum().float(), torch.tensor(float(len(losses)), device=device),
+                ])  # fmt: skip
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            loss, chosen, rejected, accuracy, logps_chosen, logps_rejected, tokens, count = all_reduce_sum(sums.tolist(), device)
+            metrics = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss / count,
+                "rewards/chosen": chosen / count,
+                "rewards/rejected": rejected / count,
+                "rewards/margins": (chosen - rejected) / count,
+                "rewards/accuracies": accuracy / count,
+                "logps/chosen": logps_chosen / count,
+                "logps/rejected": logps_rejected / count,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm.item(),
+                "tokens_per_second": tokens / (time.time() - step_start),
+            }
+            if step % args.ref_sync_steps == 0:  # TR-DPO: the reference moves towards the policy (arXiv 2404.09656)
+                metrics["ref/param_distance"] = update_reference(policy, reference, args.ref_mixup_alpha)
+            if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+                metrics.update(evaluate())
+            metrics_log.log(metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+    progress.close()
+    train_seconds = time.time() - start_time
+
+    # ------------------------------------------------------------------ evaluation
+    # against the starting policy, as in dpo.py: the moved reference is no longer the anchor
+    reference = load_model(args.model_name, device).eval().requires_grad_(False)
+    results = {"train_seconds": train_seconds, "steps": step}
+    if args.eval_split:
+        results.update(evaluate())
+        metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
+        print0(f"held-out: loss {results['eval/loss']:.4f}, reward accuracy {results['eval/rewards/accuracies']:.3f}")
+    prompts = unique_prompts(eval_rows)[: args.sample_prompts]
+    if prompts and is_toy_prompts(prompts):
+        sample_args = (tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size, device, args.seed, bf16)
+        results["starting_policy"] = sample_eval(reference, None, *sample_args)
+        results["trained_policy"] = sample_eval(policy, reference, *sample_args)
+        start, trained = results["starting_policy"], results["trained_policy"]
+        print0(
+            f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} "
+            f"-> trained policy {trained['reward']:.3f} (+-{trained['reward_stderr']:.3f}), KL to reference {trained['kl']:.2f} nats"
+        )
+    if master_process:
+        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+    # ------------------------------------------------------------------ save
+    if master_process:
+        save_model(policy, tokenizer, args.output_dir)
+        print0(f"saved the trained policy to {args.output_dir} ({train_seconds:.0f}s of training)")
+    cleanup_distributed()
