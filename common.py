@@ -170,8 +170,25 @@ def load_rows(dataset, split, kind):
         )
     rows = data[split].to_list()
     source = f"{dataset} [{split}]"
+    if rows and "prompt" not in rows[0] and {"chosen", "rejected"} <= rows[0].keys():
+        rows = [split_shared_prompt(row, i, source) for i, row in enumerate(rows)]
+        print0(f"{source}: no 'prompt' column; the messages that chosen and rejected share became the prompt")
     validate_rows(rows, kind, source)
     return rows
+
+
+def split_shared_prompt(row, i, source):
+    """A pairwise row with an implicit prompt (chosen and rejected are whole conversations
+    that start the same) -> {"prompt": the shared messages, "chosen"/"rejected": the rest}."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (_is_messages(chosen) and _is_messages(rejected)):
+        raise DataError(f"{source}, row {i}: no 'prompt' column, and 'chosen'/'rejected' are not lists of messages to take it from")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0 or n == len(chosen) or n == len(rejected):
+        raise DataError(f"{source}, row {i}: no 'prompt' column, and 'chosen'/'rejected' do not start with shared prompt messages followed by different answers")
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 def unpair_rows(rows, seed):

@@ -94,7 +94,7 @@ class Args:
     output_dir: str = "runs/una_online"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
-    """seed of initialization-free randomness: data order (same on every rank) and sampling (seed + rank)"""
+    """seed of the data order (the same on every rank) and of sampling (offset by the rank)"""
 
     # --- algorithm ---
     beta: float = 3.0

@@ -38,6 +38,20 @@ def test_bad_values_name_row_and_field(tmp_path):
         load_rows(path, "train", "binary")
 
 
+def test_implicit_prompt_is_taken_from_the_shared_messages(tmp_path):
+    user = {"role": "user", "content": "positive review , song :"}
+    row = {"chosen": [user, {"role": "assistant", "content": "i loved the song ."}], "rejected": [user, {"role": "assistant", "content": "i hated the song ."}]}
+    (loaded,) = load_rows(write_jsonl(tmp_path / "i.jsonl", [row]), "train", "pairwise")
+    assert loaded["prompt"] == [user]
+    assert loaded["chosen"] == [{"role": "assistant", "content": "i loved the song ."}]
+    assert loaded["rejected"] == [{"role": "assistant", "content": "i hated the song ."}]
+    # scripts that read any kind of rows for their prompts (kto.py, una_offline.py) get the same
+    assert load_rows(str(tmp_path / "i.jsonl"), "train", "prompts")[0]["prompt"] == [user]
+    same = {"chosen": row["chosen"], "rejected": row["chosen"]}
+    with pytest.raises(DataError, match=r"row 1: no 'prompt' column, and 'chosen'/'rejected' do not start with shared prompt messages"):
+        load_rows(write_jsonl(tmp_path / "s.jsonl", [row, same]), "train", "pairwise")
+
+
 def test_missing_split_says_how_to_skip(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}])
     with pytest.raises(DataError, match=r"no split 'test' \(it has: train\).*--eval-split ''"):
