@@ -139,8 +139,9 @@ ROW_FIELDS = {
 TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, row and field."""
+class DataError(SystemExit):
+    """Bad input data; the message names the file, row and field. A SystemExit, so that a
+    script stops with the message alone rather than a traceback."""
 
 
 def load_rows(dataset, split, kind):
@@ -427,10 +428,12 @@ class MetricsLog:
             self.file.flush()
 
 
-def save_args(args, output_dir):
+def save_args(args, output_dir, **resolved):
+    """Write the run's arguments to <output_dir>/args.json; `resolved` fills in the values of
+    arguments whose default depends on others (so the file says what the run really used)."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(output_dir) / "args.json", "w") as f:
-        json.dump(vars(args), f, indent=2)
+        json.dump({**vars(args), **resolved}, f, indent=2)
 
 
 def save_model(model, tokenizer, output_dir):

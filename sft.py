@@ -276,7 +276,7 @@ if __name__ == "__main__":
         results["trained_policy"] = sample_eval(policy, None, *sample_args)
         start, trained = results["starting_policy"], results["trained_policy"]
         print0(
-            f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} "
+            f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} (+-{start['reward_stderr']:.3f}) "
             f"-> trained policy {trained['reward']:.3f} (+-{trained['reward_stderr']:.3f})"
         )
     if master_process:

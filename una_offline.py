@@ -267,7 +267,7 @@ if __name__ == "__main__":
     if args.max_prompt_length >= args.max_length:
         raise SystemExit(f"--max-prompt-length ({args.max_prompt_length}) must be below --max-length ({args.max_length})")
     if master_process:
-        save_args(args, args.output_dir)
+        save_args(args, args.output_dir, dataset=dataset, learning_rate=learning_rate)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} {unit}, {args.feedback} feedback from {dataset}")
 
     # ------------------------------------------------------------------ data
@@ -441,7 +441,7 @@ if __name__ == "__main__":
         results["trained_policy"] = sample_eval(policy, reference, *sample_args)
         start, trained = results["starting_policy"], results["trained_policy"]
         print0(
-            f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} "
+            f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} (+-{start['reward_stderr']:.3f}) "
             f"-> trained policy {trained['reward']:.3f} (+-{trained['reward_stderr']:.3f}), KL to reference {trained['kl']:.2f} nats"
         )
     if master_process:
