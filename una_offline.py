@@ -33,7 +33,7 @@ Departure from the paper's text: Eq. 11 is printed with a leading minus, a typo;
 code minimizes the positive squared error, as this script does.
 
 Run:
-    torchrun una_offline.py --beta 0.1                 # built-in task, score feedback, CPU, 1-2 minutes
+    torchrun una_offline.py --beta 0.1                 # built-in task, score feedback, CPU, under a minute
     python una_offline.py --feedback binary --loss bce # built-in task, thumbs up/down
     python una_offline.py --feedback binary --dataset toy/data/pairwise  # pairs -> unpaired
     torchrun --nproc_per_node 8 una_offline.py --model-name Qwen/Qwen2-0.5B-Instruct \\

@@ -29,7 +29,7 @@ messages), so prompts-only, pairwise, binary and score files all work and their 
 are ignored.
 
 Run:
-    python una_online.py                               # built-in task, CPU, about 2 minutes
+    python una_online.py                               # built-in task, CPU, under a minute
     torchrun --nproc_per_node 8 una_online.py --model-name Qwen/Qwen2-1.5B-Instruct \\
         --dataset trl-lib/ultrafeedback-prompt --reward-model Ray2333/GRM-Gemma-2B-rewardmodel-ft \\
         --beta 0.03 --learning-rate 5e-6 --per-device-batch-size 8 --max-new-tokens 256 \\
