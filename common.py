@@ -485,18 +485,21 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1
 
 
 @torch.no_grad()
-def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16):
-    """Sample `samples_per_prompt` completions per built-in-task prompt from `policy` and
-    report the mean true reward and, if `reference` is given, the sampled KL estimate
-    KL(policy || reference) ~ mean over y ~ policy of [log policy(y|x) - log reference(y|x)].
+def sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16, score=None):
+    """Sample `samples_per_prompt` completions per prompt from `policy` and score them.
 
-    A completion cut off at `max_new_tokens` never ended and scores 0; `grammatical` is the
-    fraction of samples that ended and parse in the task's grammar (over-optimized policies
-    drift out of it). Work is split over
-    ranks (each samples with its own seed) and gathered. Returns a dict of metrics and a few
-    example completions.
+    Returns one record per sample, {"prompt", "completion", "ended", "reward", "kl", "length"},
+    gathered from every rank in rank order (each rank samples its share with seed + rank).
+    `score(prompts, prompt_ids, completion_ids, completions, ended)` returns the rewards of a
+    batch; the default is the built-in task's true reward, 0 for a completion cut off at
+    `max_new_tokens` (it never ended). `kl` is log policy(y|x) - log reference(y|x) of the
+    sample (0 without a reference): its mean over y ~ policy estimates KL(policy || reference).
     """
-    from toy.task import parse_completion, reward
+    if score is None:
+        from toy.task import reward
+
+        def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
+            return [reward(p, c) if e else 0.0 for p, c, e in zip(batch_prompts, completions, ended)]
 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     policy = policy.module if hasattr(policy, "module") else policy  # sample with the bare model, not DDP
@@ -508,37 +511,44 @@ def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_n
     policy.eval()
     records = []
     for i in range(0, len(jobs), batch_size):
-        p_ids = prompt_ids[i : i + batch_size]
+        p_ids, batch_prompts = prompt_ids[i : i + batch_size], jobs[i : i + batch_size]
         with autocast_context(device, bf16):
             completions, ended = generate(policy, tokenizer, p_ids, max_new_tokens, device)
             kls = [0.0] * len(p_ids)
             if reference is not None:
                 batch = {k: v.to(device) for k, v in build_batch(p_ids, completions, tokenizer.pad_token_id).items()}
-                policy_logps, _ = sequence_logps(policy, **batch)
-                reference_logps, _ = sequence_logps(reference, **batch)
+                policy_logps, _ = sequence_logps(policy, **batch)  # (B,)
+                reference_logps, _ = sequence_logps(reference, **batch)  # (B,)
                 kls = (policy_logps - reference_logps).tolist()
-        for prompt, ids, end, kl in zip(jobs[i : i + batch_size], completions, ended, kls):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            records.append({
-                "prompt": prompt, "completion": text, "ended": end, "grammatical": end and parse_completion(text) is not None,
-                "reward": reward(prompt, text) if end else 0.0, "kl": kl, "length": len(ids),
-            })  # fmt: skip
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+        rewards = score(batch_prompts, p_ids, completions, texts, ended)
+        for prompt, text, ids, end, r, kl in zip(batch_prompts, texts, completions, ended, rewards, kls):
+            records.append({"prompt": prompt, "completion": text, "ended": end, "reward": r, "kl": kl, "length": len(ids)})
     policy.train(was_training)
-    records = gather_lists(records)
+    return gather_lists(records)
+
+
+def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16):
+    """The end-of-run evaluation on the built-in task: sample_records with the true reward,
+    summarized as the mean reward and its standard error, the sampled KL to `reference` (None
+    without one), the fractions of samples that ended with EOS and that are grammatical
+    (over-optimized policies drift out of the task's grammar), mean length, and 8 examples."""
+    from toy.task import parse_completion
+
+    records = sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16)
     n = len(records)
     rewards = [r["reward"] for r in records]
     mean = sum(rewards) / n
-    result = {
+    return {
         "reward": mean,
         "reward_stderr": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, n - 1) / n),
         "kl": sum(r["kl"] for r in records) / n if reference is not None else None,
         "ended_with_eos": sum(r["ended"] for r in records) / n,
-        "grammatical": sum(r["grammatical"] for r in records) / n,
+        "grammatical": sum(r["ended"] and parse_completion(r["completion"]) is not None for r in records) / n,
         "length": sum(r["length"] for r in records) / n,
         "num_samples": n,
         "examples": records[:: max(1, n // 8)][:8],
     }
-    return result
 
 
 def is_toy_prompts(prompts):

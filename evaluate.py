@@ -1,0 +1,206 @@
+"""Evaluate trained policies against their reference: reward, KL, win rate and length.
+
+For the held-out prompts, sample `--samples-per-prompt` completions from the reference and
+from each checkpoint, with the same seed for every model, and report per checkpoint:
+
+    reward    mean true reward of the built-in task (a sample that never emitted EOS scores 0,
+              as in every script's end-of-run evaluation), or with `--reward-model` the mean
+              score of that model on prompt + completion
+    KL        sampled estimate of KL(policy || reference) in nats per sequence:
+              mean over y ~ policy(.|x) of log policy(y|x) - log reference(y|x)
+    win rate  P(reward of a policy sample > reward of a reference sample for the same prompt),
+              ties counting half, averaged over every (policy sample, reference sample) pair
+              of each prompt, then over prompts
+    length    mean completion length in tokens (EOS included)
+
+The reference is sampled and scored once and is the first row of the table (KL 0, win rate
+0.5 by construction). Sampling is `common.sample_records`, which every script's end-of-run
+evaluation uses, so with the same seed, prompts and batch size the rewards and KL here equal
+the ones a script run as one process prints; this file keeps every sample, which the win
+rate needs.
+
+Run:
+    python evaluate.py --checkpoints runs/dpo runs/una_offline
+    python evaluate.py --checkpoints runs/dpo --reward-model path/to/reward-model --dataset my_prompts.jsonl --split train
+
+Outputs: a table on screen and --output (JSON: the arguments, "reference" and the list
+"checkpoints" in the order given, each with its metrics and a few example completions).
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import tyro
+
+from common import (
+    TruncationStats,
+    autocast_context,
+    is_toy_prompts,
+    load_model,
+    load_rows,
+    load_tokenizer,
+    resolve_path,
+    sample_records,
+    unique_prompts,
+)
+
+
+@dataclass
+class Args:
+    # --- models and data ---
+    checkpoints: Tuple[str, ...] = ()
+    """local paths or hub ids of the trained policies (Hugging Face format) to evaluate"""
+    reference: str = "toy/sft-policy"
+    """hub id or local path of the reference policy (the starting policy); its tokenizer is used for every policy"""
+    dataset: str = "toy/data/prompts"
+    """hub id, local folder, or .json/.jsonl/.parquet file whose "prompt" column gives the prompts"""
+    split: str = "test"
+    """split whose distinct prompts are sampled"""
+    output: str = "runs/evaluate.json"
+    """JSON file the results are written to"""
+    seed: int = 1
+    """sampling seed, the same for every model (so a model equal to the reference draws the reference's samples)"""
+
+    # --- reward ---
+    reward_model: str = ""
+    """hub id or local path of a sequence-classification reward model with one output ('': the built-in task's true reward)"""
+
+    # --- sampling ---
+    sample_prompts: int = 24
+    """distinct prompts to sample (the first ones in sorted order; 0: all)"""
+    samples_per_prompt: int = 32
+    """completions sampled per prompt from each model"""
+    max_new_tokens: int = 32
+    """longest sampled completion; one that has not ended by then gets no EOS (true reward 0)"""
+    batch_size: int = 32
+    """completions sampled per forward pass (32 matches the scripts' end-of-run evaluation)"""
+    bf16: Optional[bool] = None
+    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+
+
+def win_rate(policy_rewards, reference_rewards):
+    """P(policy reward > reference reward) + 0.5 P(tie), over all pairs of one prompt's samples,
+    averaged over prompts.
+
+    policy_rewards, reference_rewards: dicts prompt -> list of rewards of that prompt's samples.
+    """
+    rates = []
+    for prompt, rewards in policy_rewards.items():
+        reference = reference_rewards[prompt]
+        wins = sum((r > q) + 0.5 * (r == q) for r in rewards for q in reference)
+        rates.append(wins / (len(rewards) * len(reference)))
+    return sum(rates) / len(rates)
+
+
+def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
+    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
+    becomes one user message) plus the completion as the assistant's reply; without one, the
+    prompt and completion as the policy saw them, decoded without special tokens."""
+    if getattr(reward_tokenizer, "chat_template", None) is None:
+        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
+    texts = []
+    for prompt, c in zip(prompts, completion_ids):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
+        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
+    return texts
+
+
+def summarize(records, reference_records):
+    """Metrics of one model's samples; the win rate is against `reference_records`."""
+    n = len(records)
+    rewards = [r["reward"] for r in records]
+    mean = sum(rewards) / n
+
+    def by_prompt(rs):
+        groups = {}
+        for r in rs:
+            groups.setdefault(json.dumps(r["prompt"]), []).append(r["reward"])
+        return groups
+
+    return {
+        "reward": mean,
+        "reward_stderr": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, n - 1) / n),
+        "kl": sum(r["kl"] for r in records) / n,
+        "win_rate": win_rate(by_prompt(records), by_prompt(reference_records)),
+        "length": sum(r["length"] for r in records) / n,
+        "ended_with_eos": sum(r["ended"] for r in records) / n,
+        "num_samples": n,
+        "examples": records[:: max(1, n // 8)][:8],
+    }
+
+
+def format_table(results):
+    """Plain-text table of the reference and every checkpoint (results: list of metrics with a "model" key)."""
+    rows = [("model", "reward", "+-", "KL (nats)", "win rate", "length")]
+    for m in results:
+        rows.append((m["model"], f"{m['reward']:.3f}", f"{m['reward_stderr']:.3f}", f"{m['kl']:.3f}", f"{m['win_rate']:.3f}", f"{m['length']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    start_time = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    # ------------------------------------------------------------------ prompts and reward
+    prompts = unique_prompts(load_rows(args.dataset, args.split, "prompts"))
+    prompts = prompts[: args.sample_prompts] if args.sample_prompts > 0 else prompts
+    if args.reward_model:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            reward_model = AutoModelForSequenceClassification.from_pretrained(resolve_path(args.reward_model), dtype=torch.float32).to(device).eval()
+            reward_tokenizer = AutoTokenizer.from_pretrained(resolve_path(args.reward_model))
+        except OSError as e:
+            raise SystemExit(f"could not load reward model {args.reward_model!r}: not a local folder and not loadable from the hub ({e})")
+        if reward_model.config.num_labels != 1:
+            raise SystemExit(f"--reward-model {args.reward_model!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
+        if reward_tokenizer.pad_token is None:
+            reward_tokenizer.pad_token = reward_tokenizer.eos_token
+        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
+
+        def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
+            texts = reward_model_texts(tokenizer, reward_tokenizer, batch_prompts, prompt_ids, completion_ids)
+            add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them already
+            inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+            with autocast_context(device, bf16):
+                return reward_model(**inputs).logits[:, 0].float().tolist()  # (B,)
+
+    else:
+        if not is_toy_prompts(prompts):
+            raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in task: pass a --reward-model to score them")
+        from toy.task import reward
+
+        def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
+            return [reward(p, c) if e else 0.0 for p, c, e in zip(batch_prompts, completions, ended)]
+
+    # ------------------------------------------------------------------ reference, then each checkpoint
+    tokenizer = load_tokenizer(args.reference)
+    reference = load_model(args.reference, device).eval().requires_grad_(False)
+    print(f"{len(prompts)} prompts x {args.samples_per_prompt} samples, seed {args.seed}, on {device.type}")
+    sample_args = (args.samples_per_prompt, args.max_new_tokens, args.batch_size, device, args.seed, bf16, score)
+    reference_records = sample_records(reference, None, tokenizer, prompts, *sample_args)
+    results = [{"model": args.reference, **summarize(reference_records, reference_records)}]
+    for checkpoint in args.checkpoints:
+        policy = load_model(checkpoint, device).eval().requires_grad_(False)
+        records = sample_records(policy, reference, tokenizer, prompts, *sample_args)
+        results.append({"model": checkpoint, **summarize(records, reference_records)})
+        print(f"{checkpoint}: reward {results[-1]['reward']:.3f}, KL {results[-1]['kl']:.3f}")
+        del policy
+
+    # ------------------------------------------------------------------ report
+    reward_name = f"mean score of {args.reward_model}" if args.reward_model else "true reward of the built-in task"
+    print(f"\nreward: {reward_name}; KL: nats per sequence to {args.reference}; win rate: against {args.reference}'s samples\n")
+    print(format_table(results))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"args": asdict(args), "reward": reward_name, "reference": results[0], "checkpoints": results[1:]}, f, indent=2)
+    print(f"\nwrote {args.output} ({time.time() - start_time:.0f}s)")

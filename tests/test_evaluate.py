@@ -1,0 +1,133 @@
+"""evaluate.py: the win rate by hand, common.sample_records against a recomputation, a checkpoint
+equal to the reference (KL exactly 0, win rate 0.5), a reward model's scores, and sweep.py's
+commands (a dry run: the sweep itself is too slow for a test)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run(args):
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_win_rate_by_hand():
+    from evaluate import win_rate
+
+    policy = {"a": [1.0, 0.0], "b": [0.2]}
+    reference = {"a": [0.5, 0.0], "b": [0.1, 0.3, 0.2]}
+    # a: 1 beats 0.5 and 0; 0 loses to 0.5 and ties 0 -> 2.5 / 4. b: 0.2 beats 0.1, loses to 0.3, ties 0.2 -> 1.5 / 3
+    assert win_rate(policy, reference) == pytest.approx((2.5 / 4 + 1.5 / 3) / 2)
+    assert win_rate(reference, reference) == 0.5  # any samples against themselves: ties and mirrored pairs
+    assert win_rate({"a": [0.0]}, {"a": [1.0]}) == 0.0
+
+
+def test_sample_records_against_a_recomputation(tiny):
+    # every script's end-of-run evaluation and evaluate.py sample through common.sample_records:
+    # each sample's KL term is recomputed here one sequence at a time, without padding
+    from common import sample_records
+    from toy.task import reward
+
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    prompts = ["write a positive review of the pizza :", "write a negative review of the movie :"]
+    records = sample_records(policy, model, tokenizer, prompts, 6, 8, 5, torch.device("cpu"), 3, False)  # batches of 5, 5, 2
+    assert [r["prompt"] for r in records] == [prompts[0]] * 6 + [prompts[1]] * 6
+    assert any(not r["ended"] for r in records) and any(r["ended"] for r in records)  # 8 new tokens: some are cut off
+    for r in records:
+        assert r["reward"] == (reward(r["prompt"], r["completion"]) if r["ended"] else 0.0)
+        ids = tokenizer(r["prompt"])["input_ids"]
+        completion = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if r["ended"] else [])
+        assert len(completion) == r["length"]
+        full = torch.tensor([ids + completion])
+        with torch.no_grad():
+            logp = [torch.log_softmax(m(input_ids=full).logits[0, len(ids) - 1 : -1].double(), -1).gather(-1, full[0, len(ids) :, None]).sum().item() for m in (policy, model)]
+        assert r["kl"] == pytest.approx(logp[0] - logp[1], abs=1e-4)
+    assert any(abs(r["kl"]) > 1e-3 for r in records)  # the perturbed policy differs from the reference
+
+
+def test_the_reference_against_itself(tmp_path):
+    # batch size 5 does not divide the 12 samples; the checkpoint is loaded apart from the reference
+    rc, out = run([
+        "evaluate.py", "--checkpoints", "toy/sft-policy", "--sample-prompts", "3", "--samples-per-prompt", "4",
+        "--batch-size", "5", "--output", str(tmp_path / "eval.json"),
+    ])  # fmt: skip
+    assert rc == 0, out
+    results = json.load(open(tmp_path / "eval.json"))
+    reference, (checkpoint,) = results["reference"], results["checkpoints"]
+    assert checkpoint["model"] == reference["model"] == "toy/sft-policy"
+    assert checkpoint["num_samples"] == reference["num_samples"] == 12
+    assert checkpoint["kl"] == 0.0  # the same weights score the same samples identically
+    assert checkpoint["win_rate"] == reference["win_rate"] == 0.5  # the same seed draws the same samples
+    assert checkpoint["reward"] == reference["reward"] and checkpoint["examples"] == reference["examples"]
+    assert 0 < reference["reward"] <= 1 and 0 < reference["reward_stderr"] < 0.5 and reference["length"] > 3
+    assert results["args"]["samples_per_prompt"] == 4 and results["reward"] == "true reward of the built-in task"
+    header = next(line for line in out.splitlines() if line.startswith("model"))
+    assert header.split() == ["model", "reward", "+-", "KL", "(nats)", "win", "rate", "length"]
+    assert sum(line.startswith("toy/sft-policy ") for line in out.splitlines()) == 2  # the reference row and the checkpoint row
+
+
+def test_a_reward_model_scores_prompts_outside_the_task(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from common import load_tokenizer
+    from evaluate import reward_model_texts
+
+    tokenizer = load_tokenizer("toy/sft-policy")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    reward_model = LlamaForSequenceClassification(config).eval()
+    reward_model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the pizza was", "i enjoyed the movie ."]))
+
+    args = ["evaluate.py", "--dataset", str(prompts), "--split", "train", "--samples-per-prompt", "3", "--output", str(tmp_path / "eval.json")]
+    rc, out = run(args)
+    assert rc != 0 and "pass a --reward-model" in out  # no true reward outside the built-in task
+    rc, out = run(args + ["--reward-model", str(tmp_path / "rm"), "--checkpoints", "toy/sft-policy"])
+    assert rc == 0, out
+    results = json.load(open(tmp_path / "eval.json"))
+    reference, (checkpoint,) = results["reference"], results["checkpoints"]
+    assert reference["num_samples"] == 6 and checkpoint["kl"] == 0.0 and checkpoint["win_rate"] == 0.5
+    # each sample's reward is the reward model's score of its prompt + completion, alone (no padding)
+    reward_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    for example in reference["examples"]:
+        prompt_ids = tokenizer(example["prompt"])["input_ids"]
+        completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * example["ended"]
+        (text,) = reward_model_texts(tokenizer, reward_tokenizer, [example["prompt"]], [prompt_ids], [completion_ids])
+        with torch.no_grad():
+            expected = reward_model(**reward_tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+        assert example["reward"] == pytest.approx(expected, abs=1e-5)
+    assert len({e["reward"] for e in reference["examples"]}) > 1  # scores vary: not the 0 of a missing true reward
+
+
+def test_sweep_dry_run_lists_every_run_then_one_evaluation():
+    from sweep import METHODS
+
+    rc, out = run(["sweep.py", "--dry-run", "--runs-dir", "/tmp/sweep-dry-run"])
+    assert rc == 0, out
+    lines = out.strip().splitlines()
+    assert len(lines) == sum(len(betas) for *_, betas in METHODS) + 1
+    trains, evaluation = lines[:-1], lines[-1]
+    assert all("--sample-prompts 0" in line and "--output-dir /tmp/sweep-dry-run/" in line for line in trains)
+    assert len(set(line.split("--output-dir ")[1] for line in trains)) == len(trains)  # no two runs share a folder
+    assert evaluation.startswith("python evaluate.py --checkpoints /tmp/sweep-dry-run/")
+    assert evaluation.count("/tmp/sweep-dry-run/") == len(trains) + 1  # every checkpoint, then --output
