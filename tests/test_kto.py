@@ -99,7 +99,7 @@ def test_pairwise_data_is_unpaired_and_shuffled():
 Z_REF_SCRIPT = """
 import json
 import torch
-from common import TruncationStats, gather_lists, load_model, load_rows, load_tokenizer, micro_batch, print0, sequence_logps, setup_distributed, tokenize_examples
+from common import TruncationStats, cleanup_distributed, gather_lists, load_model, load_rows, load_tokenizer, micro_batch, print0, sequence_logps, setup_distributed, tokenize_examples
 from kto import collate_mismatched, reference_point
 
 rank, world_size, device = setup_distributed()
@@ -115,6 +115,7 @@ batch = collate_mismatched(share, tokenizer.pad_token_id, 64)
 with torch.no_grad():
     kl_logratios = sequence_logps(policy, **batch)[0] - sequence_logps(reference, **batch)[0]
 print0(json.dumps(gather_lists([{"z_ref": reference_point([kl_logratios], device), "logratios": kl_logratios.tolist()}])))
+cleanup_distributed()  # leave the process group before exit, or gloo's threads abort the process
 """
 
 
