@@ -128,6 +128,48 @@ def load_tokenizer(name):
     return tokenizer
 
 
+def load_reward_model(name, device):
+    """A sequence-classification reward model with one output, frozen in fp32, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_path(name)
+    try:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device).eval().requires_grad_(False)
+        reward_tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise SystemExit(f"could not load reward model {name!r}: not a local folder and not loadable from the hub ({e})")
+    if reward_model.config.num_labels != 1:
+        raise SystemExit(f"--reward-model {name!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
+    if reward_tokenizer.pad_token is None:
+        reward_tokenizer.pad_token = reward_tokenizer.eos_token
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
+    return reward_model, reward_tokenizer
+
+
+def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
+    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
+    becomes one user message) plus the completion as the assistant's reply; without one, the
+    prompt and completion as the policy saw them, decoded without special tokens."""
+    if getattr(reward_tokenizer, "chat_template", None) is None:
+        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
+    texts = []
+    for prompt, c in zip(prompts, completion_ids):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
+        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
+    return texts
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, reward_tokenizer, tokenizer, prompts, prompt_ids, completion_ids, device, bf16):
+    """Raw scores (B,) of a reward model for a batch of prompts and completions (token ids of the policy's tokenizer)."""
+    texts = reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids)
+    add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them already
+    inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+    with autocast_context(device, bf16):
+        return reward_model(**inputs).logits[:, 0].float()  # (B,)
+
+
 # The fields each kind of row must have (TRL's conventions, see PAPERS.md).
 ROW_FIELDS = {
     "sft": ("prompt", "completion"),

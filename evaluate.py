@@ -38,13 +38,12 @@ import torch
 import tyro
 
 from common import (
-    TruncationStats,
-    autocast_context,
     is_toy_prompts,
     load_model,
+    load_reward_model,
     load_rows,
     load_tokenizer,
-    resolve_path,
+    reward_model_scores,
     sample_records,
     unique_prompts,
 )
@@ -97,20 +96,6 @@ def win_rate(policy_rewards, reference_rewards):
     return sum(rates) / len(rates)
 
 
-def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
-    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
-    becomes one user message) plus the completion as the assistant's reply; without one, the
-    prompt and completion as the policy saw them, decoded without special tokens."""
-    if getattr(reward_tokenizer, "chat_template", None) is None:
-        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
-    texts = []
-    for prompt, c in zip(prompts, completion_ids):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
-        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
-    return texts
-
-
 def summarize(records, reference_records):
     """Metrics of one model's samples; the win rate is against `reference_records`."""
     n = len(records)
@@ -154,33 +139,15 @@ if __name__ == "__main__":
     prompts = unique_prompts(load_rows(args.dataset, args.split, "prompts"))
     prompts = prompts[: args.sample_prompts] if args.sample_prompts > 0 else prompts
     if args.reward_model:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        try:
-            reward_model = AutoModelForSequenceClassification.from_pretrained(resolve_path(args.reward_model), dtype=torch.float32).to(device).eval()
-            reward_tokenizer = AutoTokenizer.from_pretrained(resolve_path(args.reward_model))
-        except OSError as e:
-            raise SystemExit(f"could not load reward model {args.reward_model!r}: not a local folder and not loadable from the hub ({e})")
-        if reward_model.config.num_labels != 1:
-            raise SystemExit(f"--reward-model {args.reward_model!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
-        if reward_tokenizer.pad_token is None:
-            reward_tokenizer.pad_token = reward_tokenizer.eos_token
-        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
+        reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
 
         def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
-            texts = reward_model_texts(tokenizer, reward_tokenizer, batch_prompts, prompt_ids, completion_ids)
-            add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them already
-            inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
-            with autocast_context(device, bf16):
-                return reward_model(**inputs).logits[:, 0].float().tolist()  # (B,)
+            return reward_model_scores(reward_model, reward_tokenizer, tokenizer, batch_prompts, prompt_ids, completion_ids, device, bf16).tolist()
 
     else:
         if not is_toy_prompts(prompts):
             raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in task: pass a --reward-model to score them")
-        from toy.task import reward
-
-        def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
-            return [reward(p, c) if e else 0.0 for p, c, e in zip(batch_prompts, completions, ended)]
+        score = None  # sample_records' default: the built-in task's true reward, 0 for a sample that never ended
 
     # ------------------------------------------------------------------ reference, then each checkpoint
     tokenizer = load_tokenizer(args.reference)

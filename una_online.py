@@ -63,12 +63,13 @@ from common import (
     generate,
     is_toy_prompts,
     load_model,
+    load_reward_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
     micro_batch,
     print0,
-    resolve_path,
+    reward_model_scores,
     sample_eval,
     save_args,
     save_model,
@@ -178,20 +179,6 @@ def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
     return ((scores - low) / (high - low)).clamp(0.0, 1.0)
 
 
-def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
-    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
-    becomes one user message) plus the completion as the assistant's reply; without one, the
-    prompt and completion as the policy saw them, decoded without special tokens."""
-    if getattr(reward_tokenizer, "chat_template", None) is None:
-        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
-    texts = []
-    for prompt, c in zip(prompts, completion_ids):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
-        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
-    return texts
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
 
@@ -237,18 +224,7 @@ if __name__ == "__main__":
     policy = load_model(args.model_name, device)
     reference = load_model(args.model_name, device).eval().requires_grad_(False)
     if args.reward_model:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        try:
-            reward_model = AutoModelForSequenceClassification.from_pretrained(resolve_path(args.reward_model), dtype=torch.float32).to(device).eval().requires_grad_(False)
-            reward_tokenizer = AutoTokenizer.from_pretrained(resolve_path(args.reward_model))
-        except OSError as e:
-            raise SystemExit(f"could not load reward model {args.reward_model!r}: not a local folder and not loadable from the hub ({e})")
-        if reward_model.config.num_labels != 1:
-            raise SystemExit(f"--reward-model {args.reward_model!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
-        if reward_tokenizer.pad_token is None:
-            reward_tokenizer.pad_token = reward_tokenizer.eos_token
-        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
+        reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
     if gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
@@ -273,11 +249,7 @@ if __name__ == "__main__":
         ended = torch.tensor(ended, device=device)  # (B,)
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
         if args.reward_model:
-            texts = reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids)
-            add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them already
-            inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
-            with autocast_context(device, bf16):
-                scores = reward_model(**inputs).logits[:, 0].float()  # (B,)
+            scores = reward_model_scores(reward_model, reward_tokenizer, tokenizer, prompts, prompt_ids, completion_ids, device, bf16)  # (B,)
         else:
             from toy.task import reward
 

@@ -36,3 +36,22 @@ def run_script(script, args, nproc=1, timeout=600, threads=1):
     assert proc.returncode == 0, f"{' '.join(cmd + list(args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     output_dir = Path(args[list(args).index("--output-dir") + 1])
     return [json.loads(line) for line in open(output_dir / "metrics.jsonl")], proc.stdout + proc.stderr
+
+
+def save_tiny_reward_model(path):
+    """A randomly initialized one-output LlamaForSequenceClassification with the toy tokenizer,
+    saved to `path` like a hub reward model. Returns the tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from common import load_tokenizer
+
+    tokenizer = load_tokenizer("toy/sft-policy")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return tokenizer

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, save_tiny_reward_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -82,20 +82,12 @@ def test_the_reference_against_itself(tmp_path):
 
 
 def test_a_reward_model_scores_prompts_outside_the_task(tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from common import load_tokenizer
-    from evaluate import reward_model_texts
+    from common import reward_model_texts
 
-    tokenizer = load_tokenizer("toy/sft-policy")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    reward_model = LlamaForSequenceClassification(config).eval()
-    reward_model.save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    tokenizer = save_tiny_reward_model(tmp_path / "rm")
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the pizza was", "i enjoyed the movie ."]))
 

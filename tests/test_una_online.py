@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common import IGNORE_INDEX, build_batch, generate, sequence_logps
-from conftest import run_script
+from conftest import run_script, save_tiny_reward_model
 from una_online import normalize_rewards, una_online_loss
 
 V = 40  # vocabulary of the fake models
@@ -121,18 +121,7 @@ def test_short_run_with_the_builtin_reward(tmp_path):
 
 
 def test_short_run_with_a_reward_model_on_the_prompts_of_a_pairwise_dataset(tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from common import load_tokenizer
-
-    tokenizer = load_tokenizer("toy/sft-policy")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    save_tiny_reward_model(tmp_path / "rm")
     records, _ = run_script("una_online.py", [
         "--reward-model", str(tmp_path / "rm"), "--dataset", "toy/data/pairwise", "--missing-eos-penalty", "1.0",
         "--max-steps", "2", "--per-device-batch-size", "8", "--sample-prompts", "0", "--output-dir", str(tmp_path / "una"),
