@@ -39,21 +39,26 @@ from common import (
     autocast_context,
     cleanup_distributed,
     collate_pairs,
-    epoch_batches,
+    find_checkpoint,
     is_toy_prompts,
+    load_checkpoint,
     load_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
     micro_batch,
+    peak_memory_mb,
     print0,
     sample_eval,
     save_args,
+    save_checkpoint,
     save_model,
     seed_everything,
     sequence_logps,
     setup_distributed,
+    stop_if_not_finite,
     tokenize_examples,
+    training_batches,
     unique_prompts,
 )
 
@@ -118,6 +123,14 @@ class Args:
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
 
+    # --- checkpoints ---
+    save_every: int = 0
+    """write a checkpoint (policy, optimizer, scheduler, RNG states, step) every this many optimizer steps (0: never)"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
+    resume_from: str = ""
+    """continue from a checkpoint: its folder, or a run's output folder (its latest checkpoint)"""
+
     # --- hardware ---
     bf16: Optional[bool] = None
     """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
@@ -171,6 +184,7 @@ if __name__ == "__main__":
         raise SystemExit("--label-smoothing applies to --loss-type sigmoid only")
     if args.max_prompt_length >= args.max_length:
         raise SystemExit(f"--max-prompt-length ({args.max_prompt_length}) must be below --max-length ({args.max_length})")
+    checkpoint = find_checkpoint(args.resume_from) if args.resume_from else None
     if master_process:
         save_args(args, args.output_dir)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} pairs")
@@ -196,7 +210,7 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    policy = load_model(args.model_name, device)
+    policy = load_model(os.path.join(checkpoint, "policy") if checkpoint else args.model_name, device)
     reference = load_model(args.model_name, device).eval().requires_grad_(False)
     if gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -224,66 +238,73 @@ if __name__ == "__main__":
         return {"eval/loss": loss / count, "eval/rewards/accuracies": accuracy / count, "eval/rewards/margins": margin / count}
 
     # ------------------------------------------------------------------ training
-    metrics_log = MetricsLog(args.output_dir, master_process)
-    progress = tqdm(total=total_steps, disable=not master_process, desc="dpo")
+    step, _ = load_checkpoint(checkpoint, optimizer, scheduler, args, global_batch_size, device) if checkpoint else (0, {})
+    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
+    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc="dpo")
     start_time = time.time()
-    step = 0
-    for epoch in range(args.num_epochs):
-        for batch_indices in epoch_batches(len(train_examples), global_batch_size, args.seed, epoch):
-            if step >= total_steps:
-                break
-            step_start = time.time()
-            sums = torch.zeros(8, device=device)  # summed over this rank's pairs, then over ranks
-            for micro_step in range(args.gradient_accumulation_steps):
-                examples = [train_examples[i] for i in micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)]
-                batch = {k: v.to(device) for k, v in collate_pairs(examples, tokenizer.pad_token_id).items()}
-                last_micro_step = micro_step == args.gradient_accumulation_steps - 1
-                with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
-                    policy_chosen_logps, policy_rejected_logps, num_tokens = forward_pairs(policy, batch, args.loss_type)
-                    with torch.no_grad():
-                        reference_chosen_logps, reference_rejected_logps, _ = forward_pairs(reference, batch, args.loss_type)
-                    losses, chosen_rewards, rejected_rewards = dpo_loss(
-                        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                        args.beta, args.loss_type, args.label_smoothing,
-                    )
-                    (losses.mean() / args.gradient_accumulation_steps).backward()
-                sums += torch.stack([
-                    losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                    (chosen_rewards > rejected_rewards).float().sum(),
-                    policy_chosen_logps.detach().sum(), policy_rejected_logps.detach().sum(),
-                    batch["attention_mask"].sum().float(), torch.tensor(float(len(losses)), device=device),
-                ])  # fmt: skip
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
 
-            loss, chosen, rejected, accuracy, logps_chosen, logps_rejected, tokens, count = all_reduce_sum(sums.tolist(), device)
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": loss / count,
-                "rewards/chosen": chosen / count,
-                "rewards/rejected": rejected / count,
-                "rewards/margins": (chosen - rejected) / count,
-                "rewards/accuracies": accuracy / count,
-                "logps/chosen": logps_chosen / count,
-                "logps/rejected": logps_rejected / count,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
-                "tokens_per_second": tokens / (time.time() - step_start),
-            }
-            if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
-                metrics.update(evaluate())
-            metrics_log.log(metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+    def save_state():
+        """Checkpoint the state after `step` optimizer steps (see common.save_checkpoint)."""
+        return save_checkpoint(args.output_dir, step, {"policy": policy}, tokenizer, optimizer, scheduler, args, args.keep_checkpoints, device)
+
+    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
+        step_start = time.time()
+        sums = torch.zeros(8, device=device)  # summed over this rank's pairs, then over ranks
+        for micro_step in range(args.gradient_accumulation_steps):
+            examples = [train_examples[i] for i in micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)]
+            batch = {k: v.to(device) for k, v in collate_pairs(examples, tokenizer.pad_token_id).items()}
+            last_micro_step = micro_step == args.gradient_accumulation_steps - 1
+            with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
+                policy_chosen_logps, policy_rejected_logps, num_tokens = forward_pairs(policy, batch, args.loss_type)
+                with torch.no_grad():
+                    reference_chosen_logps, reference_rejected_logps, _ = forward_pairs(reference, batch, args.loss_type)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    args.beta, args.loss_type, args.label_smoothing,
+                )
+                (losses.mean() / args.gradient_accumulation_steps).backward()
+            sums += torch.stack([
+                losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                (chosen_rewards > rejected_rewards).float().sum(),
+                policy_chosen_logps.detach().sum(), policy_rejected_logps.detach().sum(),
+                batch["attention_mask"].sum().float(), torch.tensor(float(len(losses)), device=device),
+            ])  # fmt: skip
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        loss, chosen, rejected, accuracy, logps_chosen, logps_rejected, tokens, count = all_reduce_sum(sums.tolist(), device)
+        stop_if_not_finite(step + 1, save_state, loss=loss, grad_norm=grad_norm.item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_seconds = time.time() - step_start
+
+        metrics = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss / count,
+            "rewards/chosen": chosen / count,
+            "rewards/rejected": rejected / count,
+            "rewards/margins": (chosen - rejected) / count,
+            "rewards/accuracies": accuracy / count,
+            "logps/chosen": logps_chosen / count,
+            "logps/rejected": logps_rejected / count,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "tokens_per_second": tokens / step_seconds,
+            "time/step": step_seconds,
+        }
+        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+            metrics.update(evaluate())
+        metrics_log.log(metrics)
+        if args.save_every > 0 and step % args.save_every == 0:
+            save_state()
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     progress.close()
     train_seconds = time.time() - start_time
 
     # ------------------------------------------------------------------ evaluation
-    results = {"train_seconds": train_seconds, "steps": step}
+    results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory_mb(device)}
     if args.eval_split:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})

@@ -40,21 +40,26 @@ from common import (
     autocast_context,
     build_batch,
     cleanup_distributed,
-    epoch_batches,
+    find_checkpoint,
     is_toy_prompts,
+    load_checkpoint,
     load_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
     micro_batch,
+    peak_memory_mb,
     print0,
     sample_eval,
     save_args,
+    save_checkpoint,
     save_model,
     seed_everything,
     sequence_logps,
     setup_distributed,
+    stop_if_not_finite,
     tokenize_examples,
+    training_batches,
     unique_prompts,
 )
 
@@ -111,6 +116,14 @@ class Args:
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
 
+    # --- checkpoints ---
+    save_every: int = 0
+    """write a checkpoint (policy, optimizer, scheduler, RNG states, step) every this many optimizer steps (0: never)"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
+    resume_from: str = ""
+    """continue from a checkpoint: its folder, or a run's output folder (its latest checkpoint)"""
+
     # --- hardware ---
     bf16: Optional[bool] = None
     """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
@@ -161,6 +174,7 @@ if __name__ == "__main__":
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     if args.max_prompt_length >= args.max_length:
         raise SystemExit(f"--max-prompt-length ({args.max_prompt_length}) must be below --max-length ({args.max_length})")
+    checkpoint = find_checkpoint(args.resume_from) if args.resume_from else None
     if master_process:
         save_args(args, args.output_dir)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} examples")
@@ -190,7 +204,9 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    if args.model_name != "scratch":
+    if checkpoint:
+        policy = load_model(os.path.join(checkpoint, "policy"), device)
+    elif args.model_name != "scratch":
         policy = load_model(args.model_name, device)
     print0(f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
     if gradient_checkpointing:
@@ -222,51 +238,59 @@ if __name__ == "__main__":
     prompts = unique_prompts(eval_rows)[: args.sample_prompts]
     sample_args = (tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size, device, args.seed, bf16)
     run_sample_eval = bool(prompts) and is_toy_prompts(prompts)
-    starting_policy = sample_eval(policy, None, *sample_args) if run_sample_eval else None
-    metrics_log = MetricsLog(args.output_dir, master_process)
-    progress = tqdm(total=total_steps, disable=not master_process, desc="sft")
+    step, resumed = load_checkpoint(checkpoint, optimizer, scheduler, args, global_batch_size, device) if checkpoint else (0, {})
+    # the policy before any training, evaluated once (a resumed run reads it from its checkpoint)
+    starting_policy = resumed["starting_policy"] if checkpoint else sample_eval(policy, None, *sample_args) if run_sample_eval else None
+    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
+    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc="sft")
     start_time = time.time()
-    step = 0
-    for epoch in range(args.num_epochs):
-        for batch_indices in epoch_batches(len(train_examples), global_batch_size, args.seed, epoch):
-            if step >= total_steps:
-                break
-            step_start = time.time()
-            sums = torch.zeros(3, device=device)  # summed over this rank's examples, then over ranks
-            for micro_step in range(args.gradient_accumulation_steps):
-                examples = [train_examples[i] for i in micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)]
-                batch = {k: v.to(device) for k, v in collate(examples).items()}
-                last_micro_step = micro_step == args.gradient_accumulation_steps - 1
-                with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
-                    policy_logps, num_tokens = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                    loss, losses = sft_loss(policy_logps, num_tokens)
-                    (loss / args.gradient_accumulation_steps).backward()
-                sums += torch.stack([-policy_logps.detach().sum(), num_tokens.sum().float(), batch["attention_mask"].sum().float()])
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
 
-            nll, completion_tokens, tokens = all_reduce_sum(sums.tolist(), device)
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": nll / completion_tokens,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
-                "tokens_per_second": tokens / (time.time() - step_start),
-            }
-            if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
-                metrics.update(evaluate())
-            metrics_log.log(metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+    def save_state():
+        """Checkpoint the state after `step` optimizer steps (see common.save_checkpoint)."""
+        return save_checkpoint(args.output_dir, step, {"policy": policy}, tokenizer, optimizer, scheduler, args, args.keep_checkpoints, device, extra={"starting_policy": starting_policy})
+
+    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
+        step_start = time.time()
+        sums = torch.zeros(3, device=device)  # summed over this rank's examples, then over ranks
+        for micro_step in range(args.gradient_accumulation_steps):
+            examples = [train_examples[i] for i in micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)]
+            batch = {k: v.to(device) for k, v in collate(examples).items()}
+            last_micro_step = micro_step == args.gradient_accumulation_steps - 1
+            with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
+                policy_logps, num_tokens = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                loss, losses = sft_loss(policy_logps, num_tokens)
+                (loss / args.gradient_accumulation_steps).backward()
+            sums += torch.stack([-policy_logps.detach().sum(), num_tokens.sum().float(), batch["attention_mask"].sum().float()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        nll, completion_tokens, tokens = all_reduce_sum(sums.tolist(), device)
+        stop_if_not_finite(step + 1, save_state, nll=nll, grad_norm=grad_norm.item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_seconds = time.time() - step_start
+
+        metrics = {
+            "step": step,
+            "epoch": epoch,
+            "loss": nll / completion_tokens,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "tokens_per_second": tokens / step_seconds,
+            "time/step": step_seconds,
+        }
+        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+            metrics.update(evaluate())
+        metrics_log.log(metrics)
+        if args.save_every > 0 and step % args.save_every == 0:
+            save_state()
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
     progress.close()
     train_seconds = time.time() - start_time
 
     # ------------------------------------------------------------------ evaluation
-    results = {"train_seconds": train_seconds, "steps": step}
+    results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory_mb(device)}
     if args.eval_split:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})

@@ -67,22 +67,27 @@ from common import (
     cleanup_distributed,
     collate_completions,
     collate_pairs,
-    epoch_batches,
+    find_checkpoint,
     gather_lists,
     is_toy_prompts,
+    load_checkpoint,
     load_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
     micro_batch,
+    peak_memory_mb,
     print0,
     sample_eval,
     save_args,
+    save_checkpoint,
     save_model,
     seed_everything,
     sequence_logps,
     setup_distributed,
+    stop_if_not_finite,
     tokenize_examples,
+    training_batches,
     unique_prompts,
     unpair_rows,
     validate_rows,
@@ -156,6 +161,14 @@ class Args:
     """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
+
+    # --- checkpoints ---
+    save_every: int = 0
+    """write a checkpoint (policy, optimizer, scheduler, RNG states, step) every this many optimizer steps (0: never)"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
+    resume_from: str = ""
+    """continue from a checkpoint: its folder, or a run's output folder (its latest checkpoint)"""
 
     # --- hardware ---
     bf16: Optional[bool] = None
@@ -266,6 +279,7 @@ if __name__ == "__main__":
         raise SystemExit(f"--score-range LOW HIGH needs LOW < HIGH, got {args.score_range[0]} {args.score_range[1]}")
     if args.max_prompt_length >= args.max_length:
         raise SystemExit(f"--max-prompt-length ({args.max_prompt_length}) must be below --max-length ({args.max_length})")
+    checkpoint = find_checkpoint(args.resume_from) if args.resume_from else None
     if master_process:
         save_args(args, args.output_dir, dataset=dataset, learning_rate=learning_rate)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} {unit}, {args.feedback} feedback from {dataset}")
@@ -295,7 +309,7 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    policy = load_model(args.model_name, device)
+    policy = load_model(os.path.join(checkpoint, "policy") if checkpoint else args.model_name, device)
     reference = load_model(args.model_name, device).eval().requires_grad_(False)
     if gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -341,95 +355,103 @@ if __name__ == "__main__":
         }
 
     # ------------------------------------------------------------------ training
-    metrics_log = MetricsLog(args.output_dir, master_process)
-    progress = tqdm(total=total_steps, disable=not master_process, desc=f"una {args.feedback}")
+    step, _ = load_checkpoint(checkpoint, optimizer, scheduler, args, global_batch_size, device) if checkpoint else (0, {})
+    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
+    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=f"una {args.feedback}")
     start_time = time.time()
-    step = 0
-    for epoch in range(args.num_epochs):
-        for batch_indices in epoch_batches(len(train_examples), global_batch_size, args.seed, epoch):
-            if step >= total_steps:
-                break
-            step_start = time.time()
-            sums = torch.zeros(8 if pairwise else 11, device=device)  # summed over this rank's examples, then over ranks
-            for micro_step in range(args.gradient_accumulation_steps):
-                examples = [train_examples[i] for i in micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)]
-                batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
-                last_micro_step = micro_step == args.gradient_accumulation_steps - 1
-                with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
-                    if pairwise:
-                        policy_chosen_logps, policy_rejected_logps, num_tokens = forward_pairs(policy, batch)
-                        with torch.no_grad():
-                            reference_chosen_logps, reference_rejected_logps, _ = forward_pairs(reference, batch)
-                        losses, chosen_rewards, rejected_rewards = dpo_loss(
-                            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, args.beta,
-                        )
-                    else:
-                        policy_logps, num_tokens = forward_unpaired(policy, batch)
-                        with torch.no_grad():
-                            reference_logps, _ = forward_unpaired(reference, batch)
-                        losses, rewards, s_theta = una_loss(policy_logps, reference_logps, batch["targets"], args.beta, args.loss)
-                    (losses.mean() / args.gradient_accumulation_steps).backward()
-                if pairwise:
-                    sums += torch.stack([
-                        losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                        (chosen_rewards > rejected_rewards).float().sum(),
-                        policy_chosen_logps.detach().sum(), policy_rejected_logps.detach().sum(),
-                        batch["attention_mask"].sum().float(), torch.tensor(float(len(losses)), device=device),
-                    ])  # fmt: skip
-                else:
-                    high = batch["targets"] >= HIGH_TARGET  # (B,) positive / high-score examples
-                    policy_logps = policy_logps.detach()
-                    sums += torch.stack([
-                        losses.detach().sum(), rewards[high].sum(), rewards[~high].sum(),
-                        s_theta[high].sum(), s_theta[~high].sum(), policy_logps[high].sum(), policy_logps[~high].sum(),
-                        high.sum().float(), (~high).sum().float(),
-                        batch["attention_mask"].sum().float(), torch.tensor(float(len(losses)), device=device),
-                    ])  # fmt: skip
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
 
-            metrics = {"step": step, "epoch": epoch}
+    def save_state():
+        """Checkpoint the state after `step` optimizer steps (see common.save_checkpoint)."""
+        return save_checkpoint(args.output_dir, step, {"policy": policy}, tokenizer, optimizer, scheduler, args, args.keep_checkpoints, device)
+
+    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
+        step_start = time.time()
+        sums = torch.zeros(8 if pairwise else 11, device=device)  # summed over this rank's examples, then over ranks
+        for micro_step in range(args.gradient_accumulation_steps):
+            examples = [train_examples[i] for i in micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)]
+            batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+            last_micro_step = micro_step == args.gradient_accumulation_steps - 1
+            with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
+                if pairwise:
+                    policy_chosen_logps, policy_rejected_logps, num_tokens = forward_pairs(policy, batch)
+                    with torch.no_grad():
+                        reference_chosen_logps, reference_rejected_logps, _ = forward_pairs(reference, batch)
+                    losses, chosen_rewards, rejected_rewards = dpo_loss(
+                        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, args.beta,
+                    )
+                else:
+                    policy_logps, num_tokens = forward_unpaired(policy, batch)
+                    with torch.no_grad():
+                        reference_logps, _ = forward_unpaired(reference, batch)
+                    losses, rewards, s_theta = una_loss(policy_logps, reference_logps, batch["targets"], args.beta, args.loss)
+                (losses.mean() / args.gradient_accumulation_steps).backward()
             if pairwise:
-                loss, chosen, rejected, accuracy, logps_chosen, logps_rejected, tokens, count = all_reduce_sum(sums.tolist(), device)
-                metrics.update({
-                    "loss": loss / count,
-                    "rewards/chosen": chosen / count,
-                    "rewards/rejected": rejected / count,
-                    "rewards/margins": (chosen - rejected) / count,
-                    "rewards/accuracies": accuracy / count,
-                    "logps/chosen": logps_chosen / count,
-                    "logps/rejected": logps_rejected / count,
-                })
+                sums += torch.stack([
+                    losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                    (chosen_rewards > rejected_rewards).float().sum(),
+                    policy_chosen_logps.detach().sum(), policy_rejected_logps.detach().sum(),
+                    batch["attention_mask"].sum().float(), torch.tensor(float(len(losses)), device=device),
+                ])  # fmt: skip
             else:
-                loss, rewards_high, rewards_low, s_high, s_low, logps_high, logps_low, num_high, num_low, tokens, count = all_reduce_sum(sums.tolist(), device)
-                hi, lo = GROUPS[args.feedback]
-                metrics.update({
-                    "loss": loss / count,
-                    f"rewards/{hi}": group_mean(rewards_high, num_high),
-                    f"rewards/{lo}": group_mean(rewards_low, num_low),
-                    f"s_theta/{hi}": group_mean(s_high, num_high),
-                    f"s_theta/{lo}": group_mean(s_low, num_low),
-                    f"logps/{hi}": group_mean(logps_high, num_high),
-                    f"logps/{lo}": group_mean(logps_low, num_low),
-                })
+                high = batch["targets"] >= HIGH_TARGET  # (B,) positive / high-score examples
+                policy_logps = policy_logps.detach()
+                sums += torch.stack([
+                    losses.detach().sum(), rewards[high].sum(), rewards[~high].sum(),
+                    s_theta[high].sum(), s_theta[~high].sum(), policy_logps[high].sum(), policy_logps[~high].sum(),
+                    high.sum().float(), (~high).sum().float(),
+                    batch["attention_mask"].sum().float(), torch.tensor(float(len(losses)), device=device),
+                ])  # fmt: skip
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        totals = all_reduce_sum(sums.tolist(), device)
+        stop_if_not_finite(step + 1, save_state, loss=totals[0] / totals[-1], grad_norm=grad_norm.item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_seconds = time.time() - step_start
+
+        metrics = {"step": step, "epoch": epoch}
+        if pairwise:
+            loss, chosen, rejected, accuracy, logps_chosen, logps_rejected, tokens, count = totals
             metrics.update({
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
-                "tokens_per_second": tokens / (time.time() - step_start),
+                "loss": loss / count,
+                "rewards/chosen": chosen / count,
+                "rewards/rejected": rejected / count,
+                "rewards/margins": (chosen - rejected) / count,
+                "rewards/accuracies": accuracy / count,
+                "logps/chosen": logps_chosen / count,
+                "logps/rejected": logps_rejected / count,
             })
-            if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
-                metrics.update(evaluate())
-            metrics_log.log(metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+        else:
+            loss, rewards_high, rewards_low, s_high, s_low, logps_high, logps_low, num_high, num_low, tokens, count = totals
+            hi, lo = GROUPS[args.feedback]
+            metrics.update({
+                "loss": loss / count,
+                f"rewards/{hi}": group_mean(rewards_high, num_high),
+                f"rewards/{lo}": group_mean(rewards_low, num_low),
+                f"s_theta/{hi}": group_mean(s_high, num_high),
+                f"s_theta/{lo}": group_mean(s_low, num_low),
+                f"logps/{hi}": group_mean(logps_high, num_high),
+                f"logps/{lo}": group_mean(logps_low, num_low),
+            })
+        metrics.update({
+            "learning_rate": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "tokens_per_second": tokens / step_seconds,
+            "time/step": step_seconds,
+        })
+        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+            metrics.update(evaluate())
+        metrics_log.log(metrics)
+        if args.save_every > 0 and step % args.save_every == 0:
+            save_state()
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
     progress.close()
     train_seconds = time.time() - start_time
 
     # ------------------------------------------------------------------ evaluation
-    results = {"train_seconds": train_seconds, "steps": step}
+    results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory_mb(device)}
     if args.eval_split:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})

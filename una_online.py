@@ -59,24 +59,29 @@ from common import (
     autocast_context,
     build_batch,
     cleanup_distributed,
-    epoch_batches,
     generate,
     is_toy_prompts,
+    find_checkpoint,
+    load_checkpoint,
     load_model,
     load_reward_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
     micro_batch,
+    peak_memory_mb,
     print0,
     reward_model_scores,
     sample_eval,
     save_args,
+    save_checkpoint,
     save_model,
     seed_everything,
     sequence_logps,
     setup_distributed,
+    stop_if_not_finite,
     tokenize_examples,
+    training_batches,
     unique_prompts,
 )
 
@@ -149,6 +154,14 @@ class Args:
     log_samples_every: int = 50
     """print a table of training prompts, sampled completions and rewards every this many steps (0: never)"""
 
+    # --- checkpoints ---
+    save_every: int = 0
+    """write a checkpoint (policy, optimizer, scheduler, RNG states, step) every this many optimizer steps (0: never)"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
+    resume_from: str = ""
+    """continue from a checkpoint: its folder, or a run's output folder (its latest checkpoint)"""
+
     # --- hardware ---
     bf16: Optional[bool] = None
     """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
@@ -194,6 +207,9 @@ if __name__ == "__main__":
     if args.updates_per_batch < 1:
         raise SystemExit(f"--updates-per-batch must be at least 1, got {args.updates_per_batch}")
     reward_range = args.reward_range or (None if args.reward_model else (0.0, 1.0))  # the built-in reward is already in [0, 1]
+    if args.save_every % args.updates_per_batch:
+        raise SystemExit(f"--save-every ({args.save_every}) must be a multiple of --updates-per-batch ({args.updates_per_batch}): a checkpoint is taken when a batch of samples is used up")
+    checkpoint = find_checkpoint(args.resume_from) if args.resume_from else None
     if master_process:
         save_args(args, args.output_dir)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} prompts")
@@ -221,7 +237,7 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    policy = load_model(args.model_name, device)
+    policy = load_model(os.path.join(checkpoint, "policy") if checkpoint else args.model_name, device)
     reference = load_model(args.model_name, device).eval().requires_grad_(False)
     if args.reward_model:
         reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
@@ -274,79 +290,88 @@ if __name__ == "__main__":
     sample_args = (tokenizer, eval_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size, device, args.seed, bf16)
 
     # ------------------------------------------------------------------ training
-    metrics_log = MetricsLog(args.output_dir, master_process)
-    progress = tqdm(total=total_steps, disable=not master_process, desc="una_online")
     torch.manual_seed(args.seed + rank)  # sampling differs on every rank
+    step, _ = load_checkpoint(checkpoint, optimizer, scheduler, args, global_batch_size, device) if checkpoint else (0, {})
+    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
+    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc="una_online")
     start_time = time.time()
-    step = 0
-    for epoch in range(args.num_epochs):
-        for batch_indices in epoch_batches(len(train_examples), global_batch_size, args.seed, epoch):
+
+    def save_state():
+        """Checkpoint the state after `step` optimizer steps (see common.save_checkpoint)."""
+        return save_checkpoint(args.output_dir, step, {"policy": policy}, tokenizer, optimizer, scheduler, args, args.keep_checkpoints, device)
+
+    num_batches = -(-total_steps // args.updates_per_batch)  # batches of samples (--max-steps may cut the last one's updates short)
+    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step // args.updates_per_batch, num_batches):
+        samples = []  # this rank's micro-batches of scored samples
+        for micro_step in range(args.gradient_accumulation_steps):
+            indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)
+            samples.append(sample_and_score([train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices]))
+        generate_seconds = sum(s["seconds"][0] for s in samples)
+        score_seconds = sum(s["seconds"][1] for s in samples)
+        for update in range(args.updates_per_batch):
             if step >= total_steps:
                 break
-            samples = []  # this rank's micro-batches of scored samples
-            for micro_step in range(args.gradient_accumulation_steps):
-                indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)
-                samples.append(sample_and_score([train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices]))
-            generate_seconds = sum(s["seconds"][0] for s in samples)
-            score_seconds = sum(s["seconds"][1] for s in samples)
-            for update in range(args.updates_per_batch):
-                if step >= total_steps:
-                    break
-                train_start = time.time()
-                sums = torch.zeros(10, device=device)  # summed over this rank's samples, then over ranks
-                for micro_step, sample in enumerate(samples):
-                    batch = sample["batch"]
-                    last_micro_step = micro_step == args.gradient_accumulation_steps - 1
-                    with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
-                        policy_logps, num_tokens = sequence_logps(policy, **batch)  # (B,), (B,)
-                        losses, implicit_scores, logratios = una_online_loss(policy_logps, sample["reference_logps"], sample["rewards"], args.beta)
-                        (losses.mean() / args.gradient_accumulation_steps).backward()
-                    sums += torch.stack([
-                        losses.detach().sum(), sample["scores"].sum(), (sample["scores"] ** 2).sum(), sample["rewards"].sum(),
-                        implicit_scores.sum(), logratios.sum(), num_tokens.sum().float(), sample["ended"].float().sum(),
-                        policy_logps.detach().sum(), torch.tensor(float(len(losses)), device=device),
-                    ])  # fmt: skip
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+            train_start = time.time()
+            sums = torch.zeros(10, device=device)  # summed over this rank's samples, then over ranks
+            for micro_step, sample in enumerate(samples):
+                batch = sample["batch"]
+                last_micro_step = micro_step == args.gradient_accumulation_steps - 1
+                with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
+                    policy_logps, num_tokens = sequence_logps(policy, **batch)  # (B,), (B,)
+                    losses, implicit_scores, logratios = una_online_loss(policy_logps, sample["reference_logps"], sample["rewards"], args.beta)
+                    (losses.mean() / args.gradient_accumulation_steps).backward()
+                sums += torch.stack([
+                    losses.detach().sum(), sample["scores"].sum(), (sample["scores"] ** 2).sum(), sample["rewards"].sum(),
+                    implicit_scores.sum(), logratios.sum(), num_tokens.sum().float(), sample["ended"].float().sum(),
+                    policy_logps.detach().sum(), torch.tensor(float(len(losses)), device=device),
+                ])  # fmt: skip
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            loss, score, score_sq, rewards, implicit, rho, tokens, ended, logps, count = all_reduce_sum(sums.tolist(), device)
+            stop_if_not_finite(step + 1, save_state, loss=loss, grad_norm=grad_norm.item())
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            update_seconds = time.time() - train_start
+            sample_seconds = generate_seconds + score_seconds if update == 0 else 0.0  # the samples are drawn once per batch
 
-                loss, score, score_sq, rewards, implicit, rho, tokens, ended, logps, count = all_reduce_sum(sums.tolist(), device)
-                metrics = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss / count,
-                    "reward/mean": score / count,  # the raw score, before the penalty and normalization
-                    "reward/std": max(0.0, score_sq / count - (score / count) ** 2) ** 0.5,
-                    "s_phi": rewards / count,
-                    "s_theta": implicit / count,
-                    "kl": rho / count,  # mean rho of the samples: KL(pi || ref) estimate, exact in expectation when on-policy at temperature 1
-                    "logps": logps / count,
-                    "completion_length": tokens / count,
-                    "ended_with_eos": ended / count,
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
-                    "time/generate": generate_seconds if update == 0 else 0.0,  # this rank's seconds spent in this step
-                    "time/score": score_seconds if update == 0 else 0.0,  # reward and reference log-probs
-                    "time/train": time.time() - train_start,
-                }
-                if eval_prompts and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the training samples' randomness alone
-                        result = sample_eval(policy, reference, *sample_args)
-                    metrics.update({"eval/reward": result["reward"], "eval/kl": result["kl"]})
-                if master_process and args.log_samples_every > 0 and (step == 1 or step % args.log_samples_every == 0):
-                    sample = samples[0]  # the first micro-batch of rank 0, which this step trained on
-                    table = zip(sample["scores"].tolist(), sample["prompts"], sample["completions"])
-                    tqdm.write(f"step {step}, samples (reward | prompt | completion):\n" + "\n".join(f"  {s:6.3f} | {str(p)[-40:]} | {c[:80]}" for s, p, c in list(table)[:6]))
-                metrics_log.log(metrics)
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.2f}")
+            metrics = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss / count,
+                "reward/mean": score / count,  # the raw score, before the penalty and normalization
+                "reward/std": max(0.0, score_sq / count - (score / count) ** 2) ** 0.5,
+                "s_phi": rewards / count,
+                "s_theta": implicit / count,
+                "kl": rho / count,  # mean rho of the samples: KL(pi || ref) estimate, exact in expectation when on-policy at temperature 1
+                "logps": logps / count,
+                "completion_length": tokens / count,
+                "ended_with_eos": ended / count,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm.item(),
+                "time/generate": generate_seconds if update == 0 else 0.0,  # this rank's seconds spent in this step
+                "time/score": score_seconds if update == 0 else 0.0,  # reward and reference log-probs
+                "time/train": update_seconds,
+                "time/step": sample_seconds + update_seconds,
+            }
+            if eval_prompts and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the training samples' randomness alone
+                    result = sample_eval(policy, reference, *sample_args)
+                metrics.update({"eval/reward": result["reward"], "eval/kl": result["kl"]})
+            if master_process and args.log_samples_every > 0 and (step == 1 or step % args.log_samples_every == 0):
+                sample = samples[0]  # the first micro-batch of rank 0, which this step trained on
+                table = zip(sample["scores"].tolist(), sample["prompts"], sample["completions"])
+                tqdm.write(f"step {step}, samples (reward | prompt | completion):\n" + "\n".join(f"  {s:6.3f} | {str(p)[-40:]} | {c[:80]}" for s, p, c in list(table)[:6]))
+            metrics_log.log(metrics)
+            if args.save_every > 0 and step % args.save_every == 0:
+                save_state()
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.2f}")
     progress.close()
     train_seconds = time.time() - start_time
 
     # ------------------------------------------------------------------ evaluation
-    results = {"train_seconds": train_seconds, "steps": step}
+    results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory_mb(device)}
     if eval_prompts:
         results["starting_policy"] = sample_eval(reference, None, *sample_args)
         results["trained_policy"] = sample_eval(policy, reference, *sample_args)
