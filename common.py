@@ -130,10 +130,27 @@ def _load_failure(what, name, path, error):
 
 
 def load_model(name, device):
-    """A causal LM in fp32 (the master weights; bf16 comes from autocast) on `device`."""
+    """A causal LM in fp32 (the master weights; bf16 comes from autocast) on `device`.
+
+    A LoRA adapter folder (what a run with --lora-r saves: adapter_config.json and the
+    adapter's weights, no full model) loads as its base model (the adapter config's
+    base_model_name_or_path) with the adapter merged into the weights by peft: evaluate.py and
+    --model-name take a LoRA run's output like any other model. (A resumed LoRA run instead
+    keeps the adapter apart, to go on training it: prepare_policy(..., lora_from=...).)"""
     from transformers import AutoModelForCausalLM
 
     path = resolve_path(name, "model")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        from peft import PeftModel
+
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            base = json.load(f).get("base_model_name_or_path")
+        if not base:
+            raise SystemExit(f"LoRA adapter {name!r}: its adapter_config.json names no base model (base_model_name_or_path)")
+        try:
+            return PeftModel.from_pretrained(load_model(base, device), path).merge_and_unload().to(device)
+        except (OSError, ValueError) as e:
+            raise _load_failure("LoRA adapter", name, path, e)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -696,7 +713,9 @@ def pack_batch(batch, row_length=0):
     starts = real.int().argmax(-1).tolist()  # first real token of each row (left padding starts late)
     capacity = max(input_ids.shape[1], row_length)
     slots = [max(1, n) for n in lengths]
-    rows, fill = _first_fit_decreasing(slots, capacity)  # rows[r]: the sequences of row r, in order; fill[r]: its used slots
+    # rows[r]: the sequences of row r, in order; fill[r]: its used slots. Rows as wide as the
+    # longest sequence never take more slots than the padded batch.
+    rows, fill = min((_first_fit_decreasing(slots, w) for w in (capacity, max(slots))), key=lambda layout: len(layout[0]) * max(layout[1]))
     # At the full width the last row is often nearly empty, and every row is as long as the
     # fullest. For each row count R from the fewest possible to first-fit's, the narrowest
     # width (within 1.5%) at which first-fit decreasing still uses R rows; keep the layout with
@@ -704,7 +723,7 @@ def pack_batch(batch, row_length=0):
     best = len(rows) * max(fill)
     for R in range(-(-sum(slots) // capacity), len(rows) + 1):
         width = max(-(-sum(slots) // R), max(slots))
-        while R * width < best:
+        while width <= capacity and R * width < best:
             rows_w, fill_w = _first_fit_decreasing(slots, width)
             if len(rows_w) <= R:
                 rows, fill, best = rows_w, fill_w, len(rows_w) * max(fill_w)
@@ -768,6 +787,18 @@ def check_packing(model, device):
             f"{type(model).__name__} does not keep packed sequences apart by their position ids "
             f"(log-probs differ by up to {error:.3g} from the sequences alone): train without packing"
         )
+
+
+def packing_works(model, device):
+    """check_packing as a yes or no, for --pack-sequences: True if `model` packs; otherwise a
+    note, and False, so that the run pads instead. Packing only saves time (the losses are the
+    same), so a model that cannot pack still gets its run, only slower."""
+    try:
+        check_packing(model, device)
+    except SystemExit as error:
+        print0(f"--pack-sequences: {error}; padding instead")
+        return False
+    return True
 
 
 # Reference log-probs computed once. The frozen reference of DPO, KTO and UNA gives the same
@@ -913,7 +944,7 @@ def precompute_reference_logps(reference, examples, collate, batch_size, device,
 # a replicated DTensor, .item() gives the same float on every rank) and TR-DPO's foreach lerp
 # between two models sharded alike work on them unchanged. On GPU with bf16 the gathered
 # weights are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy); the shards, the
-# master weights that AdamW updates, stay fp32. On CPU (gloo), fp32 throughout.
+# master weights that AdamW updates, stay fp32. On CPU (gloo, bf16 off by default), fp32.
 #
 # Every forward of a sharded model is a collective: all ranks must run it the same number of
 # times. Training steps do; evaluation and sampling, where each rank takes its own share of
@@ -928,10 +959,17 @@ def precompute_reference_logps(reference, examples, collate, batch_size, device,
 # default targets are "all-linear" (every linear layer of the decoder, not the output head):
 # the QLoRA paper (arXiv 2305.14314) found that adapting all of them, not only the attention
 # projections, is what matches full fine-tuning. LoRA composes with DDP and with FSDP (the
-# adapters are sharded with their layer).
+# adapters are sharded with their layer). TR-DPO's reference moves, so with LoRA it cannot be
+# the policy with its adapter off: it is a separate copy, prepare_reference(..., copy=True),
+# moved towards effective_parameters(policy), i.e. W + (alpha / r) B A.
+#
+# Reference log-probs computed once (precompute_reference_logps) take the reference as
+# loaded, before prepare_policy adds an adapter (the base model is then the reference) and
+# before anything is sharded: each rank scores its own share of the batches.
 
 
 def is_fsdp(model):
+    """True for a model sharded by shard_model (FSDP2)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -964,27 +1002,39 @@ def decoder_layers(model):
 
 def shard_model(model, bf16):
     """FSDP2 in place: each decoder layer, then the root (embeddings, final norm, output head).
-    All reshard after forward, so outside a forward every parameter is a shard (a DTensor)."""
+    All reshard after forward, the root too (FSDP would keep the root gathered until the
+    backward, and forever for a reference that has none): outside a forward every parameter
+    is a shard (a DTensor), which TR-DPO's update and `unsharded` rely on."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp_policy, reshard_after_forward=True)
     fully_shard(model, mp_policy=mp_policy, reshard_after_forward=True)
+    # FSDP takes for its root the first sharded module that runs a forward, and would take a
+    # decoder layer if that came first: as it does when a LoRA policy samples, since peft's
+    # generate() runs the base model inside the peft root. Fix the root now (FSDP's own lazy
+    # initialization, which the first forward would otherwise run).
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
-def add_lora(model, r, alpha, target_modules):
+def add_lora(model, r, alpha, target_modules, lora_from=None):
     """Wrap `model` in a peft LoRA model: adapters of rank r and scale alpha / r on
-    `target_modules` (module names, or ["all-linear"]); only the adapters train. B starts at
-    0, so the model starts exactly as the base."""
-    from peft import LoraConfig, get_peft_model
+    `target_modules` (a list of module names, or ["all-linear"]); only the adapters train. B
+    starts at 0, so the model starts exactly as the base. `lora_from`: a saved adapter folder
+    (save_model of a LoRA policy, e.g. a checkpoint's policy/) to continue from instead; its
+    own r, alpha and targets apply."""
+    from peft import LoraConfig, PeftModel, get_peft_model
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     targets = target_modules[0] if list(target_modules) == ["all-linear"] else list(target_modules)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    if lora_from:
+        model = PeftModel.from_pretrained(model, lora_from, is_trainable=True)
+    else:
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     if not adapted:
         raise SystemExit(f"--lora-target-modules {list(target_modules)} matched no layer of the model")
@@ -994,17 +1044,18 @@ def add_lora(model, r, alpha, target_modules):
     return model
 
 
-def prepare_policy(model, device, world_size, fsdp=False, bf16=False, gradient_checkpointing=False, lora_r=0, lora_alpha=16.0, lora_target_modules=("all-linear",)):
+def prepare_policy(model, device, world_size, fsdp=False, bf16=False, gradient_checkpointing=False, lora_r=0, lora_alpha=16.0, lora_target_modules=("all-linear",), lora_from=None):
     """The trainable policy from a loaded model (load_model): gradient checkpointing, LoRA
-    adapters when lora_r > 0, then FSDP2 shards (fsdp, more than one process) or DDP (more
-    than one process), in train mode. The optimizer is then built on policy.parameters()
-    (with LoRA only the adapters have gradients; AdamW skips the rest)."""
+    adapters when lora_r > 0 (new, or saved ones from `lora_from`, see add_lora), then FSDP2
+    shards (fsdp, more than one process) or DDP (more than one process), in train mode. The
+    optimizer is then built on policy.parameters() (with LoRA only the adapters have
+    gradients; AdamW skips the rest)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora_r > 0:
-        model = add_lora(model, lora_r, lora_alpha, lora_target_modules)
+        model = add_lora(model, lora_r, lora_alpha, lora_target_modules, lora_from)
         if dist.is_initialized():  # A starts random: take rank 0's everywhere (DDP would; FSDP would keep each rank's own rows)
             for p in model.parameters():
                 if p.requires_grad:
@@ -1036,8 +1087,8 @@ def prepare_reference(policy, name, device, world_size, fsdp=False, bf16=False, 
 class AdapterDisabled(torch.nn.Module):
     """The reference of a LoRA policy: the policy's own model with the adapter switched off,
     which is exactly the base model. forward and generate run the policy's model in eval mode
-    under peft's disable_adapter(), so sequence_logps(reference, ...) and generate(reference,
-    ...) work as with a separate copy. It holds no parameters: the policy is not registered as
+    with its adapter layers off, so sequence_logps(reference, ...) and generate(reference, ...)
+    work as with a separate copy. It holds no parameters: the policy is not registered as
     a submodule, so .eval() or .requires_grad_(False) on the reference leave the policy alone."""
 
     def __init__(self, policy):
@@ -1298,9 +1349,16 @@ def is_toy_prompts(prompts):
 # exactly the updates an uninterrupted one makes (bit for bit on CPU).
 #
 #   <output_dir>/checkpoints/step-00000100/
-#       policy/             the policy in Hugging Face format (loads with from_pretrained)
+#       policy/             the policy in Hugging Face format (loads with from_pretrained);
+#                           with LoRA, its adapter (the base model is --model-name)
 #       reference/          only where the reference changes (TR-DPO)
 #       trainer_state.pt    step, optimizer, scheduler, every rank's RNG states, the args
+#
+# Under FSDP every process holds a shard of the weights and of the optimizer state: both are
+# gathered into whole tensors on rank 0, which writes them. The optimizer state is saved by
+# parameter name (torch.distributed.checkpoint's full state dict), not by the position of a
+# parameter in the optimizer, so a checkpoint resumes with or without FSDP and on any number
+# of processes.
 #
 # A checkpoint is written into a hidden temporary folder and renamed once complete: a rename
 # is atomic, so a run killed in the middle of a save leaves the previous checkpoints intact
@@ -1321,24 +1379,44 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def optimizer_state_dict(model, optimizer):
+    """The optimizer's state keyed by parameter name, with whole tensors. Under FSDP each rank's
+    shards are gathered to rank 0's CPU (a collective: call it on every rank; the others get
+    empty states)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=is_fsdp(unwrap(model))))
+
+
+def load_optimizer_state_dict(model, optimizer, state):
+    """Load optimizer_state_dict's `state` into `optimizer`; under FSDP every rank keeps the
+    shards of its own parameters (rank 0's copy is broadcast)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_fsdp(unwrap(model))))
+
+
 def save_checkpoint(output_dir, step, models, tokenizer, optimizer, scheduler, args, keep, device, extra=None):
-    """Write checkpoint `step` (called by every rank: each contributes its RNG state) and keep
-    the last `keep` checkpoints. `models` maps a folder name ("policy", "reference") to a model.
-    Returns the checkpoint's path."""
+    """Write checkpoint `step` (called by every rank: each contributes its RNG state, and under
+    FSDP its shards) and keep the last `keep` checkpoints. `models` maps a folder name
+    ("policy", "reference") to a model; `optimizer` is the policy's. Returns the checkpoint's path."""
     import shutil
 
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     rng_states = gather_lists([rng_state(device)])  # rank order
+    # collectives under FSDP, so on every rank: the whole weights and optimizer state, on rank 0
+    state_dicts = {name: full_state_dict(model) if is_fsdp(unwrap(model)) else None for name, model in models.items()}
+    optimizer_state = optimizer_state_dict(models["policy"], optimizer)
     if int(os.environ.get("RANK", 0)) == 0:
         for stale in root.glob(".tmp-*"):  # left by a run killed while saving
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
         for name, model in models.items():
-            save_model(model, tokenizer, tmp / name)
+            save_model(model, tokenizer, tmp / name, state_dict=state_dicts[name])
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_states,
             "args": vars(args),
@@ -1372,9 +1450,11 @@ def find_checkpoint(path):
 DATA_ORDER_ARGS = ("dataset", "train_split", "seed", "num_epochs", "max_length", "max_prompt_length")
 
 
-def load_checkpoint(checkpoint, optimizer, scheduler, args, global_batch_size, device):
-    """Restore the optimizer, the scheduler and this rank's RNG state from `checkpoint`;
-    returns (step, extra). Stops if the run's data order would differ from the checkpoint's."""
+def load_checkpoint(checkpoint, model, optimizer, scheduler, args, global_batch_size, device):
+    """Restore the optimizer of `model` (the policy, its weights already loaded from the
+    checkpoint), the scheduler and this rank's RNG state from `checkpoint`; returns
+    (step, extra). Stops if the run's data order would differ from the checkpoint's, or if one
+    of the two trains LoRA adapters and the other the full weights."""
     state = torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=False)
     saved = state["args"]
     saved_global = saved["per_device_batch_size"] * len(state["rng"]) * saved["gradient_accumulation_steps"]
@@ -1383,10 +1463,12 @@ def load_checkpoint(checkpoint, optimizer, scheduler, args, global_batch_size, d
         changed.append(f"global batch {saved_global} -> {global_batch_size}")
     if changed:
         raise SystemExit(f"--resume-from {checkpoint}: the run's data order would differ from the checkpoint's ({'; '.join(changed)}); resume with the same settings")
+    if bool(saved.get("lora_r", 0)) != bool(getattr(args, "lora_r", 0)):
+        raise SystemExit(f"--resume-from {checkpoint}: the checkpoint trained {'LoRA adapters' if saved.get('lora_r', 0) else 'the full weights'} (--lora-r {saved.get('lora_r', 0)}); resume with the same")
     others = [k for k in saved if k not in DATA_ORDER_ARGS and k in vars(args) and saved[k] != getattr(args, k) and k not in ("resume_from", "output_dir")]
     if others:
         print0(f"resuming with changed arguments: {', '.join(f'{k} {saved[k]!r} -> {getattr(args, k)!r}' for k in others)}")
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state_dict(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rank = int(os.environ.get("RANK", 0))
     if len(state["rng"]) == int(os.environ.get("WORLD_SIZE", 1)):

@@ -53,7 +53,7 @@ from common import (
 class Args:
     # --- models and data ---
     checkpoints: Tuple[str, ...] = ()
-    """local paths or hub ids of the trained policies (Hugging Face format) to evaluate"""
+    """local paths or hub ids of the trained policies (Hugging Face format, or the LoRA adapter a --lora-r run saves: merged into its base model on loading) to evaluate"""
     reference: str = "toy/sft-policy"
     """hub id or local path of the reference policy (the starting policy); its tokenizer is used for every policy"""
     dataset: str = "toy/data/prompts"

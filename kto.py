@@ -28,24 +28,25 @@ Run:
     torchrun --nproc_per_node 8 kto.py --model-name Qwen/Qwen2-0.5B-Instruct \\
         --dataset trl-lib/kto-mix-14k --learning-rate 5e-7 --per-device-batch-size 4 \\
         --gradient-accumulation-steps 2 --max-length 1024 --max-prompt-length 512
-    torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $ADDR --nproc_per_node 8 kto.py ...
+    torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $ADDR --nproc_per_node 8 kto.py \\
+        --model-name mistralai/Mistral-7B-v0.1 --fsdp --lora-r 32 --lora-alpha 64 ...   # 7B: README, "Real scale on GPUs"
 
 Outputs in --output-dir: metrics.jsonl (one line per step), eval.json, args.json, and the
-trained policy in Hugging Face format. Metrics keep dpo.py's names: rewards/chosen and
-logps/chosen are means over the desirable examples, rewards/rejected and logps/rejected
-over the undesirable ones (null in a global batch without any), and kl is z_ref.
+trained policy in Hugging Face format (with --lora-r, its LoRA adapter). Metrics keep
+dpo.py's names: rewards/chosen and logps/chosen are means over the desirable examples,
+rewards/rejected and logps/rejected over the undesirable ones (null in a global batch
+without any), and kl is z_ref.
 """
 
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Optional
+from functools import partial
+from typing import Literal, Optional, Tuple
 
 import torch
 import tyro
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (
@@ -53,10 +54,10 @@ from common import (
     MetricsLog,
     all_reduce_sum,
     autocast_context,
-    build_batch,
     cleanup_distributed,
     collate_completions,
     find_checkpoint,
+    gradient_sync,
     is_toy_prompts,
     load_checkpoint,
     load_model,
@@ -64,7 +65,12 @@ from common import (
     load_tokenizer,
     lr_lambda,
     micro_batch,
+    pack_batch,
+    packing_works,
     peak_memory_mb,
+    precompute_reference_logps,
+    prepare_policy,
+    prepare_reference,
     print0,
     sample_eval,
     save_args,
@@ -77,6 +83,7 @@ from common import (
     tokenize_examples,
     training_batches,
     unique_prompts,
+    unsharded,
     unpair_rows,
     validate_rows,
 )
@@ -155,6 +162,22 @@ class Args:
     """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
     gradient_checkpointing: Optional[bool] = None
     """recompute activations in the backward pass to save memory (default: on for GPU)"""
+    fsdp: bool = False
+    """with several processes, shard the policy and the reference (weights, gradients, optimizer state) per decoder layer with FSDP2 instead of replicating them with DDP"""
+    lora_r: int = 0
+    """rank of LoRA adapters (peft) trained instead of the full weights (0: full fine-tuning)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapted layer computes W x + (alpha / r) B A x"""
+    lora_target_modules: Tuple[str, ...] = ("all-linear",)
+    """the linear layers LoRA adapts, by name (e.g. q_proj v_proj), or all-linear: every linear layer but the output head"""
+    lora_merge: bool = False
+    """with LoRA, also save the policy with its adapter merged in, to <output_dir>/merged (loads with AutoModelForCausalLM.from_pretrained)"""
+    pack_sequences: bool = False
+    """put the sequences of a micro-batch end to end in fewer rows instead of padding each to the longest (common.pack_batch): the same losses up to float rounding, far less padding. Off by default: on CPU it takes about a fifth off a step on the built-in task, but with sdpa on GPU a packed row attends over its whole length under a block-diagonal mask, which can cost more than the padding it saves when the sequences are long. A model that cannot keep packed sequences apart is padded instead, with a note"""
+    precompute_ref_logprobs: bool = False
+    """compute the reference's log-probs of the training and held-out data once before training (cached on disk, keyed by the model and the data) and free the reference: a step runs no reference forward and memory holds one model (it is loaded again at the end for the built-in task's sampled KL)"""
+    ref_logprobs_cache_dir: str = "runs/ref_logprobs_cache"
+    """where --precompute-ref-logprobs caches the reference log-probs (one file per model and data; delete it to recompute)"""
 
 
 def kto_loss(policy_logps, reference_logps, labels, kl, beta, desirable_weight, undesirable_weight):
@@ -183,15 +206,53 @@ def reference_point(kl_logratios, device):
     return max(0.0, total / count)
 
 
+def precomputed_unpaired(reference_logps, indices):
+    """The reference's log-probs (B,) of the completions at `indices`, looked up in the
+    (logps, num_tokens) tables, (N, 1) each, of precompute_reference_logps."""
+    return reference_logps[0][indices, 0]
+
+
+def mismatched_partners(n):
+    """Whose completion each of the n examples of a micro-batch (n >= 2) takes for its mismatched
+    pair: its neighbour, j + 1 for even j and j - 1 for odd j (the last of an odd n takes j - 1).
+    Neighbours in aligned twos do not depend on where the micro-batch is cut."""
+    return [j ^ 1 if j ^ 1 < n else j - 1 for j in range(n)]
+
+
+def mismatched_examples(examples, max_length):
+    """The n mismatched pairs of a micro-batch (n >= 2) as examples: prompt j with the completion
+    of its partner (mismatched_partners), cut to fit max_length."""
+    partners = mismatched_partners(len(examples))
+    return [{"prompt_ids": e["prompt_ids"], "completion_ids": examples[k]["completion_ids"][: max_length - len(e["prompt_ids"])]} for e, k in zip(examples, partners)]
+
+
 def collate_mismatched(examples, pad_token_id, max_length):
-    """The n mismatched pairs of a micro-batch (n >= 2): prompt j with the completion of its
-    neighbour, j + 1 for even j and j - 1 for odd j (the last of an odd n takes j - 1), cut to
-    fit max_length. Neighbours in aligned twos do not depend on where the micro-batch is cut."""
-    n = len(examples)
-    partners = [j ^ 1 if j ^ 1 < n else j - 1 for j in range(n)]
-    prompts = [e["prompt_ids"] for e in examples]
-    completions = [examples[k]["completion_ids"][: max_length - len(p)] for p, k in zip(prompts, partners)]
-    return build_batch(prompts, completions, pad_token_id)
+    """One padded batch of the n mismatched pairs of a micro-batch (n >= 2)."""
+    return collate_completions(mismatched_examples(examples, max_length), pad_token_id)
+
+
+def mismatched_table(examples, micro_batches, max_length):
+    """Every mismatched pair of `micro_batches` (lists of indices into `examples`; those of one
+    example have none), each once: (rows, pairs), where rows[(i, j)] is the position in the
+    list `pairs` of prompt i with completion j, as an example. What --precompute-ref-logprobs
+    scores for z_ref, looked up by the indices of each micro-batch."""
+    rows, pairs = {}, []
+    for indices in micro_batches:
+        if len(indices) < 2:
+            continue
+        for (j, k), pair in zip(enumerate(mismatched_partners(len(indices))), mismatched_examples([examples[i] for i in indices], max_length)):
+            if (indices[j], indices[k]) not in rows:
+                rows[(indices[j], indices[k])] = len(pairs)
+                pairs.append(pair)
+    return rows, pairs
+
+
+def precomputed_mismatched(kl_reference_logps, indices):
+    """The reference's log-probs (n,) of the mismatched pairs of the micro-batch at `indices`,
+    looked up in kl_reference_logps = (rows, (logps, num_tokens)): mismatched_table's rows and
+    precompute_reference_logps's tables of its pairs."""
+    rows, (logps, _) = kl_reference_logps
+    return logps[[rows[(indices[j], indices[k])] for j, k in enumerate(mismatched_partners(len(indices)))], 0]
 
 
 def load_unpaired_rows(dataset, split, seed):
@@ -228,6 +289,8 @@ if __name__ == "__main__":
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
     gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
+    if args.lora_merge and args.lora_r == 0:
+        raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
     if args.per_device_batch_size < 2:
         raise SystemExit(
             f"--per-device-batch-size must be at least 2, got {args.per_device_batch_size}: KTO's reference point z_ref "
@@ -267,36 +330,85 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    policy = load_model(os.path.join(checkpoint, "policy") if checkpoint else args.model_name, device)
-    reference = load_model(args.model_name, device).eval().requires_grad_(False)
-    if gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.train()
-    if world_size > 1:
-        policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    # the policy: gradient checkpointing, LoRA adapters (--lora-r), then FSDP2 shards (--fsdp) or
+    # DDP over the processes. A resumed run starts from the checkpoint's policy (with LoRA: the
+    # base model and the checkpoint's adapter)
+    saved = os.path.join(checkpoint, "policy") if checkpoint else None
+    policy = load_model(saved if saved and args.lora_r == 0 else args.model_name, device)
+    pack_sequences = args.pack_sequences and packing_works(policy, device)  # --pack-sequences, if the model keeps packed sequences apart
+    if args.precompute_ref_logprobs:
+        # the reference's log-probs of every example, computed once (or read from the cache), by the
+        # reference as loaded: the policy itself before it trains (a fresh run, or LoRA's base
+        # model), else a copy loaded for this and freed. Nothing is wrapped or sharded yet
+        scorer = policy if saved is None or args.lora_r else load_model(args.model_name, device)
+
+        def precompute(examples):
+            if not examples:
+                return None
+            logps = precompute_reference_logps(scorer, examples, partial(collate_completions, pad_token_id=tokenizer.pad_token_id), args.per_device_batch_size, device, bf16, args.ref_logprobs_cache_dir, args.max_length if pack_sequences else 0)
+            return tuple(t.to(device) for t in logps)  # (logps, num_tokens), (N, 1) each
+
+        def precompute_mismatched(examples, micro_batches):
+            rows, pairs = mismatched_table(examples, micro_batches, args.max_length)
+            return rows, precompute(pairs)  # rows[(prompt index, completion index)]: the pair's row in the tables
+
+        train_reference_logps = precompute(train_examples)
+        eval_reference_logps = precompute(eval_examples)
+        # z_ref's mismatched pairs: those of every micro-batch of every step on every rank (the
+        # batches are a function of the seed and the step, so a resumed run lists the same pairs
+        # and finds them in the cache), and those of evaluate()'s held-out micro-batches
+        train_kl_reference_logps = precompute_mismatched(train_examples, [
+            micro_batch(batch_indices, micro_step, r, world_size, args.per_device_batch_size)
+            for _, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, 0, total_steps)
+            for micro_step in range(args.gradient_accumulation_steps) for r in range(world_size)
+        ])  # fmt: skip
+        eval_kl_reference_logps = precompute_mismatched(eval_examples, [list(range(i, min(i + args.per_device_batch_size, len(eval_examples)))) for i in range(0, len(eval_examples), args.per_device_batch_size)])
+        del scorer
+    else:
+        train_kl_reference_logps = eval_kl_reference_logps = None  # a live reference scores the mismatched pairs
+    policy = prepare_policy(policy, device, world_size, args.fsdp, bf16, gradient_checkpointing, args.lora_r, args.lora_alpha, args.lora_target_modules, lora_from=saved if args.lora_r else None)
+    # the frozen reference: with LoRA the policy with its adapter off, otherwise a copy, sharded like
+    # the policy; none with precomputed log-probs (loaded again at the end to sample)
+    reference = None if args.precompute_ref_logprobs else prepare_reference(policy, args.model_name, device, world_size, args.fsdp, bf16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup_steps = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
 
-    def kl_logratios_of(examples):
-        """(n,) log pi(y'|x) - log ref(y'|x) on the mismatched pairs of one micro-batch, no gradient."""
-        kl_batch = {k: v.to(device) for k, v in collate_mismatched(examples, tokenizer.pad_token_id, args.max_length).items()}
+    def make_batch(examples):
+        """The batch of `examples` on the device: padded, or packed (--pack-sequences)."""
+        batch = collate_completions(examples, tokenizer.pad_token_id)
+        return {k: v.to(device) for k, v in (pack_batch(batch, args.max_length) if pack_sequences else batch).items()}
+
+    def kl_logratios_of(examples, indices, kl_reference_logps):
+        """(n,) log pi(y'|x) - log ref(y'|x) on the mismatched pairs of one micro-batch (`examples`,
+        at `indices` of their split), no gradient. The reference's log-probs are looked up in
+        kl_reference_logps (--precompute-ref-logprobs, see precomputed_mismatched) or computed.
+        Under FSDP a forward is a collective: in training every rank calls this once per
+        micro-step, so the sharded models serve it as they serve the loss."""
+        kl_batch = make_batch(mismatched_examples(examples, args.max_length))
         with torch.no_grad(), autocast_context(device, bf16):
-            return sequence_logps(policy, **kl_batch)[0] - sequence_logps(reference, **kl_batch)[0]
+            policy_logps, _ = sequence_logps(policy, **kl_batch)  # (n,)
+            if args.precompute_ref_logprobs:
+                return policy_logps - precomputed_mismatched(kl_reference_logps, indices)
+            return policy_logps - sequence_logps(reference, **kl_batch)[0]
 
     def evaluate():
         """Loss and rewards on the held-out examples (split over ranks, summed), against the
         z_ref of the held-out set's own mismatched pairs."""
         policy.eval()
-        chunks = [eval_examples[i : i + args.per_device_batch_size] for i in range(rank * args.per_device_batch_size, len(eval_examples), world_size * args.per_device_batch_size)]
-        kl = reference_point([kl_logratios_of(examples) for examples in chunks if len(examples) > 1], device)
+        chunks = [list(range(i, min(i + args.per_device_batch_size, len(eval_examples)))) for i in range(rank * args.per_device_batch_size, len(eval_examples), world_size * args.per_device_batch_size)]
         totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, desirable reward, undesirable reward, desirable count, count
-        with torch.no_grad(), autocast_context(device, bf16):
-            for examples in chunks:
-                batch = {k: v.to(device) for k, v in collate_completions(examples, tokenizer.pad_token_id).items()}
+        with torch.no_grad(), unsharded(policy, reference), autocast_context(device, bf16):  # ranks may run different numbers of batches
+            kl = reference_point([kl_logratios_of([eval_examples[i] for i in indices], indices, eval_kl_reference_logps) for indices in chunks if len(indices) > 1], device)
+            for indices in chunks:
+                examples = [eval_examples[i] for i in indices]
+                batch = make_batch(examples)
                 labels = torch.tensor([e["label"] for e in examples], device=device)  # (B,)
                 policy_logps, _ = sequence_logps(policy, **batch)
-                reference_logps, _ = sequence_logps(reference, **batch)
+                if args.precompute_ref_logprobs:
+                    reference_logps = precomputed_unpaired(eval_reference_logps, indices)
+                else:
+                    reference_logps, _ = sequence_logps(reference, **batch)
                 losses, rewards = kto_loss(policy_logps, reference_logps, labels, kl, args.beta, args.desirable_weight, args.undesirable_weight)
                 totals = [t + x for t, x in zip(totals, [losses.sum().item(), rewards[labels].sum().item(), rewards[~labels].sum().item(), labels.sum().item(), len(losses)])]
         policy.train()
@@ -309,7 +421,7 @@ if __name__ == "__main__":
         }
 
     # ------------------------------------------------------------------ training
-    step, _ = load_checkpoint(checkpoint, optimizer, scheduler, args, global_batch_size, device) if checkpoint else (0, {})
+    step, _ = load_checkpoint(checkpoint, policy, optimizer, scheduler, args, global_batch_size, device) if checkpoint else (0, {})
     metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
     progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc="kto")
     start_time = time.time()
@@ -320,21 +432,22 @@ if __name__ == "__main__":
 
     for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
         step_start = time.time()
-        micro_batches = [
-            [train_examples[i] for i in micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)]
-            for micro_step in range(args.gradient_accumulation_steps)
-        ]
+        micro_batches = [micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size) for micro_step in range(args.gradient_accumulation_steps)]
         # z_ref before any gradient: over the mismatched pairs of every micro-batch of every rank
-        kl = reference_point([kl_logratios_of(examples) for examples in micro_batches], device)
+        kl = reference_point([kl_logratios_of([train_examples[i] for i in indices], indices, train_kl_reference_logps) for indices in micro_batches], device)
         sums = torch.zeros(8, device=device)  # summed over this rank's examples, then over ranks
-        for micro_step, examples in enumerate(micro_batches):
-            batch = {k: v.to(device) for k, v in collate_completions(examples, tokenizer.pad_token_id).items()}
+        for micro_step, indices in enumerate(micro_batches):
+            examples = [train_examples[i] for i in indices]
+            batch = make_batch(examples)
             labels = torch.tensor([e["label"] for e in examples], device=device)  # (B,) True: desirable
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
-            with policy.no_sync() if world_size > 1 and not last_micro_step else nullcontext(), autocast_context(device, bf16):
+            with gradient_sync(policy, last_micro_step), autocast_context(device, bf16):
                 policy_logps, _ = sequence_logps(policy, **batch)  # (B,)
                 with torch.no_grad():
-                    reference_logps, _ = sequence_logps(reference, **batch)  # (B,)
+                    if args.precompute_ref_logprobs:
+                        reference_logps = precomputed_unpaired(train_reference_logps, indices)  # (B,)
+                    else:
+                        reference_logps, _ = sequence_logps(reference, **batch)  # (B,)
                 losses, rewards = kto_loss(policy_logps, reference_logps, labels, kl, args.beta, args.desirable_weight, args.undesirable_weight)
                 (losses.mean() / args.gradient_accumulation_steps).backward()
             sums += torch.stack([
@@ -384,9 +497,12 @@ if __name__ == "__main__":
         print0(f"held-out: loss {results['eval/loss']:.4f}, reference point z_ref {results['eval/kl']:.4f}")
     prompts = unique_prompts(eval_rows)[: args.sample_prompts]
     if prompts and is_toy_prompts(prompts):
+        if reference is None:  # freed for --precompute-ref-logprobs: loaded again, as above, to sample it and the KL to it
+            reference = prepare_reference(policy, args.model_name, device, world_size, args.fsdp, bf16)
         sample_args = (tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size, device, args.seed, bf16)
-        results["starting_policy"] = sample_eval(reference, None, *sample_args)
-        results["trained_policy"] = sample_eval(policy, reference, *sample_args)
+        with unsharded(policy, reference):  # each rank samples its own share: the whole weights on every rank
+            results["starting_policy"] = sample_eval(reference, None, *sample_args)
+            results["trained_policy"] = sample_eval(policy, reference, *sample_args)
         start, trained = results["starting_policy"], results["trained_policy"]
         print0(
             f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} (+-{start['reward_stderr']:.3f}) "
@@ -397,7 +513,6 @@ if __name__ == "__main__":
             json.dump(results, f, indent=2)
 
     # ------------------------------------------------------------------ save
-    if master_process:
-        save_model(policy, tokenizer, args.output_dir)
-        print0(f"saved the trained policy to {args.output_dir} ({train_seconds:.0f}s of training)")
+    save_model(policy, tokenizer, args.output_dir, merged=args.lora_merge)  # every rank: under FSDP the shards are gathered; rank 0 writes
+    print0(f"saved the trained policy{' (its LoRA adapter)' if args.lora_r else ''} to {args.output_dir} ({train_seconds:.0f}s of training)")
     cleanup_distributed()
