@@ -822,7 +822,7 @@ def model_fingerprint(model):
     """Hex sha256 of a model's config and weights (the model half of the cache key)."""
     import hashlib
 
-    model = model.module if hasattr(model, "module") else model
+    model = unwrap(model)
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
@@ -1245,7 +1245,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1
     """Sample one completion per prompt (KV-cached). Returns completion token lists, each
     cut after its first EOS, and whether each ended with EOS (False: it ran out of
     `max_new_tokens`)."""
-    model = model.module if hasattr(model, "module") else model
+    model = unwrap(model)
     batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     out = model.generate(
@@ -1288,7 +1288,7 @@ def sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, ma
             return [reward(p, c) if e else 0.0 for p, c, e in zip(batch_prompts, completions, ended)]
 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    policy = policy.module if hasattr(policy, "module") else policy  # sample with the bare model, not DDP
+    policy = unwrap(policy)  # sample with the bare model, not DDP
     jobs = [p for p in prompts for _ in range(samples_per_prompt)][rank::world_size]
     prompt_ids = tokenize_examples(tokenizer, [{"prompt": p} for p in jobs], [], 10**9, 10**9, TruncationStats())
     prompt_ids = [e["prompt_ids"] for e in prompt_ids]
