@@ -41,7 +41,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, script, extra, nproc):
     args = SHORT + extra
     full, _ = run_script(script, args + ["--save-every", "2", "--output-dir", str(tmp_path / "full")], nproc=nproc)
     checkpoint = tmp_path / "full" / "checkpoints" / "step-00000002"
-    assert (checkpoint / "trainer_state.pt").exists() and (checkpoint / "policy" / "model.safetensors").exists()
+    assert (checkpoint / "trainer.pt").exists() and (checkpoint / "policy" / "model.safetensors").exists()
     resumed, log = run_script(script, args + ["--resume-from", str(checkpoint), "--output-dir", str(tmp_path / "resumed")], nproc=nproc)
     assert "resumed from" in log and "at step 2" in log
     assert len(losses_of(full)) == 4
@@ -61,7 +61,7 @@ real_save, saves = torch.save, [0]
 def save(obj, f, *args, **kwargs):
     # die in the middle of writing the third checkpoint: its policy is saved, its trainer
     # state half-written, as after a SIGKILL or a power cut
-    if str(f).endswith("trainer_state.pt"):
+    if str(f).endswith("trainer.pt"):
         saves[0] += 1
         if saves[0] == 3:
             open(f, "wb").write(b"half a file")
@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_with_the_last_good_state_saved(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "step 2: non-finite" in proc.stderr and "stopped before updating the weights" in proc.stderr
     assert f"saved in {out / 'checkpoints' / 'step-00000001'}" in proc.stderr
-    state = torch.load(out / "checkpoints" / "step-00000001" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step-00000001" / "trainer.pt", weights_only=False)
     assert state["step"] == 1
     weights = load_file(out / "checkpoints" / "step-00000001" / "policy" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())

@@ -1,0 +1,113 @@
+"""The built-in task's evaluation: sample the trained and the starting policy on held-out
+prompts, score every sample with the task's true reward, and estimate the KL between them.
+
+The training scripts call compare_policies at the end of a run on the built-in task only
+(their --dataset under toy/), after the trained policy is saved: a script copied into
+another project without this folder runs and saves as before, and skips this.
+"""
+
+import json
+import math
+
+import torch
+import torch.distributed as dist
+
+from common import build_batch, generate, load_model, print0, sequence_logps, tokenize_examples
+from toy.task import parse_completion, parse_prompt, reward
+
+
+def unique_prompts(rows):
+    """The distinct prompts of `rows`, sorted, so that every script (whatever the order of its
+    data file) samples the same held-out prompts in the same order."""
+    return [json.loads(key) for key in sorted({json.dumps(row["prompt"]) for row in rows})]
+
+
+def gather_lists(items):
+    """Concatenate a list of picklable items from every rank, in rank order."""
+    if not dist.is_initialized():
+        return list(items)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+
+
+def true_reward(batch_prompts, prompt_ids, completion_ids, completions, ended):
+    """The task's reward of a batch of samples; 0 for a completion cut off before its EOS."""
+    return [reward(p, c) if e else 0.0 for p, c, e in zip(batch_prompts, completions, ended)]
+
+
+@torch.no_grad()
+def sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16, score=true_reward):
+    """Sample `samples_per_prompt` completions per prompt from `policy` and score them.
+
+    Returns one record per sample, {"prompt", "completion", "ended", "reward", "kl", "length"},
+    gathered from every rank in rank order (each rank samples its share with seed + rank).
+    `score(prompts, prompt_ids, completion_ids, completions, ended)` returns the rewards of a
+    batch. `kl` is log policy(y|x) - log reference(y|x) of the sample (0 without a reference):
+    its mean over y ~ policy estimates KL(policy || reference).
+    """
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    jobs = [p for p in prompts for _ in range(samples_per_prompt)][rank::world_size]
+    examples = tokenize_examples(tokenizer, [{"prompt": p} for p in jobs], [], 10**9, 10**9, stats=False)
+    prompt_ids = [e["prompt_ids"] for e in examples]
+    torch.manual_seed(seed + rank)  # different samples on each rank
+    was_training = policy.training
+    policy.eval()
+    records = []
+    for i in range(0, len(jobs), batch_size):
+        p_ids, batch_prompts = prompt_ids[i : i + batch_size], jobs[i : i + batch_size]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            completions, ended = generate(policy, tokenizer, p_ids, max_new_tokens, device)
+            kls = [0.0] * len(p_ids)
+            if reference is not None:
+                batch = {k: v.to(device) for k, v in build_batch(p_ids, completions, tokenizer.pad_token_id).items()}
+                policy_logps, _ = sequence_logps(policy, **batch)  # (B,)
+                reference_logps, _ = sequence_logps(reference, **batch)  # (B,)
+                kls = (policy_logps - reference_logps).tolist()
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+        rewards = score(batch_prompts, p_ids, completions, texts, ended)
+        for prompt, text, ids, end, r, kl in zip(batch_prompts, texts, completions, ended, rewards, kls):
+            records.append({"prompt": prompt, "completion": text, "ended": end, "reward": r, "kl": kl, "length": len(ids)})
+    policy.train(was_training)
+    return gather_lists(records)
+
+
+def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16):
+    """sample_records with the true reward, summarized: the mean reward and its standard error,
+    the sampled KL to `reference` (None without one), the fractions of samples that ended with
+    EOS and that are grammatical (over-optimized policies drift out of the task's grammar), the
+    mean length, and 8 examples."""
+    records = sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16)
+    n = len(records)
+    rewards = [r["reward"] for r in records]
+    mean = sum(rewards) / n
+    return {
+        "reward": mean,
+        "reward_stderr": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, n - 1) / n),
+        "kl": sum(r["kl"] for r in records) / n if reference is not None else None,
+        "ended_with_eos": sum(r["ended"] for r in records) / n,
+        "grammatical": sum(r["ended"] and parse_completion(r["completion"]) is not None for r in records) / n,
+        "length": sum(r["length"] for r in records) / n,
+        "num_samples": n,
+        "examples": records[:: max(1, n // 8)][:8],
+    }
+
+
+def compare_policies(trained, starting, tokenizer, rows, num_prompts, samples_per_prompt, max_new_tokens, batch_size, seed, device, bf16):
+    """The end-of-run evaluation of a training script: the saved trained policy (a folder) and the
+    starting policy (its reference), sampled on the first `num_prompts` held-out prompts of `rows`.
+    Each rank loads both whole and samples its share. Returns {"starting_policy", "trained_policy"}
+    (sample_eval's summaries; the trained one's KL is to the starting policy), or {} when the
+    prompts are not the built-in task's."""
+    prompts = unique_prompts(rows)[:num_prompts]
+    if not prompts or not all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
+        return {}
+    policy, reference = load_model(trained, device).eval(), load_model(starting, device).eval()
+    sample_args = (tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16)
+    start, end = sample_eval(reference, None, *sample_args), sample_eval(policy, reference, *sample_args)
+    print0(
+        f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} "
+        f"(+-{start['reward_stderr']:.3f}) -> trained policy {end['reward']:.3f} (+-{end['reward_stderr']:.3f}), "
+        f"KL to reference {end['kl']:.2f} nats"
+    )
+    return {"starting_policy": start, "trained_policy": end}
