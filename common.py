@@ -1,16 +1,10 @@
-"""The only module the scripts share: data, log-probs, batch order, and the few lines of
-setup, logging and checkpointing that every script needs.
+"""The only module the scripts share: distributed setup (setup_distributed, print0), loading
+(load_model, load_tokenizer), data (load_rows, unpair_rows, tokenize_examples, collate_*),
+log-probs and sampling (sequence_logps, generate), batch order (training_batches, micro_batch,
+lr_lambda), and logging and saving (MetricsLog, save_model, save_checkpoint, load_checkpoint).
 
-    distributed setup   setup_distributed, print0
-    loading             load_model, load_tokenizer (a hub id or a local path, with clear errors)
-    data                load_rows (checked against TRL's fields), unpair_rows, tokenize_examples,
-                        collate_completions, collate_pairs
-    log-probs, sampling sequence_logps, generate
-    batch order         training_batches, micro_batch, lr_lambda
-    logging, saving     MetricsLog, save_model, save_checkpoint, load_checkpoint
-
-No loss, model setup (DDP, FSDP, LoRA, the reference) or training loop lives here: each
-script owns them and writes them where a reader sees them.
+No loss, model setup (DDP, FSDP, LoRA, the reference) or training loop lives here: each script
+owns them and writes them where a reader sees them.
 """
 
 import json
@@ -35,13 +29,10 @@ IGNORE_INDEX = -100  # label of a token that is not scored (prompt, padding)
 def setup_distributed():
     """Return (rank, world_size, device); joins the process group (NCCL on GPU, one GPU per
     process picked by LOCAL_RANK; gloo on CPU) when torchrun started us."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
@@ -58,14 +49,10 @@ def print0(*args, **kwargs):
 
 
 def resolve_path(name, what="path"):
-    """A local path as given, else relative to this repository (so the built-in defaults
-    such as `toy/sft-policy` work from any working directory), else `name` unchanged: a hub id.
-
-    A name that cannot be a hub id (it starts with '.', '/' or '~', has more than one '/',
-    ends in a data file's suffix, or starts with a local folder, as `toy/sft-polcy` does) and
-    does not exist raises DataError at once, naming a close sibling when there is one: a typo
-    in a path should not become a wait on the network and a hub error.
-    """
+    """A local path as given, else relative to this repository (so the defaults such as
+    `toy/sft-policy` work from any folder), else `name` unchanged: a hub id. A name that cannot be
+    a hub id (./x, /x, ~/x, a/b/c, x.jsonl, or under a local folder, as `toy/sft-polcy`) and does
+    not exist raises DataError at once, with a close sibling's name: a typo is not a hub wait."""
     import difflib
 
     path = os.path.expanduser(name)
@@ -74,15 +61,10 @@ def resolve_path(name, what="path"):
     if (REPO_ROOT / path).exists():
         return str(REPO_ROOT / path)
     first = Path(path).parts[0] if path else ""
-    local = (
-        name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-        or Path(name).suffix in (".json", ".jsonl", ".parquet", ".csv")
-        or os.path.isdir(first)
-        or (REPO_ROOT / first).is_dir()
-    )
-    if not local:
-        return name
+    suffixes = (".json", ".jsonl", ".parquet", ".csv")
+    if not (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in suffixes
+            or os.path.isdir(first) or (REPO_ROOT / first).is_dir()):  # fmt: skip
+        return name  # a hub id
     parent, base = os.path.split(os.path.normpath(path))
     folders = [d for d in (Path(parent or "."), REPO_ROOT / parent) if d.is_dir()]
     close = difflib.get_close_matches(base, os.listdir(folders[0]), n=1) if folders else []
@@ -91,8 +73,7 @@ def resolve_path(name, what="path"):
 
 
 def _load_failure(what, name, path, error):
-    """The SystemExit (the message alone, no traceback) for a model or tokenizer that
-    transformers could not load (it raises OSError or ValueError, depending on what is missing)."""
+    """The SystemExit (a message, no traceback) for what transformers could not load."""
     if os.path.exists(path):
         return SystemExit(f"could not load {what} {name!r} from the local folder {path}: {error}")
     return SystemExit(f"could not load {what} {name!r}: not a local folder and not loadable from the hub ({error})")
@@ -115,8 +96,7 @@ def load_model(name, device):
 
 
 def load_tokenizer(name):
-    """The model's tokenizer; a tokenizer without a pad token pads with its EOS token, and says
-    so (the pad id never reaches a loss: padding is masked by the attention mask and the labels)."""
+    """The model's tokenizer; one without a pad token pads with its EOS token (padding is masked)."""
     from transformers import AutoTokenizer
 
     path = resolve_path(name, "tokenizer")
@@ -127,7 +107,7 @@ def load_tokenizer(name):
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"tokenizer of {name!r} has no EOS token; completions must end with one")
     if tokenizer.pad_token_id is None:
-        print0(f"tokenizer of {name!r} has no pad token: padding with its EOS token {tokenizer.eos_token!r} (padding is masked out, so this changes no result)")
+        print0(f"tokenizer of {name!r} has no pad token: padding with its EOS token {tokenizer.eos_token!r} (masked out)")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -154,17 +134,13 @@ COLUMN_ALIASES = {
 
 
 class DataError(SystemExit):
-    """Bad input (a data file, row or field, or a path that does not exist); the message names
-    it and, where it can, the fix. A SystemExit, so that a script stops with the message alone
-    rather than a traceback."""
+    """Bad input; the message names the file, row and field and, where it can, the fix. A
+    SystemExit, so that a script stops with the message alone rather than a traceback."""
 
 
 def load_rows(dataset, split, kind):
-    """Rows of one split of a dataset, checked against the fields `kind` needs.
-
-    `dataset` is a hub id, a local folder of train/test files, or one .json/.jsonl/.parquet
-    file (which is then the only split, "train"). Returns a list of dicts.
-    """
+    """Rows (dicts) of one split of a dataset, checked against the fields `kind` needs: a hub
+    id, a local folder of split files, or one .json/.jsonl/.parquet file (its only split: "train")."""
     import datasets
 
     path = resolve_path(dataset, "dataset")
@@ -174,13 +150,13 @@ def load_rows(dataset, split, kind):
             builder = {"json": "json", "jsonl": "json", "parquet": "parquet"}.get(suffix)
             if builder is None:
                 raise DataError(
-                    f"{dataset}: unsupported file type {suffix!r}; expected .json, .jsonl or .parquet "
-                    "(pandas converts a table: pd.read_csv(f).to_json('rows.jsonl', orient='records', lines=True))"
+                    f"{dataset}: unsupported file type {suffix!r}; expected .json, .jsonl or .parquet (pandas "
+                    "converts a table: pd.read_csv(f).to_json('rows.jsonl', orient='records', lines=True))"
                 )
             data = datasets.load_dataset(builder, data_files={"train": path})
         else:
             data = datasets.load_dataset(path)
-    except Exception as e:  # datasets' own errors are deep and name no line; _read_failure says what went wrong
+    except Exception as e:  # datasets' errors are deep and name no line: _read_failure says what went wrong
         raise DataError(f"could not load dataset {dataset!r}: {_read_failure(path, e)}")
     if split not in data:
         raise DataError(
@@ -189,7 +165,8 @@ def load_rows(dataset, split, kind):
         )
     rows = data[split].to_list()
     source = f"{dataset} [{split}]"
-    if rows and "prompt" not in rows[0] and {"chosen", "rejected"} <= rows[0].keys() and _is_messages(rows[0]["chosen"]):
+    first = rows[0] if rows else {}
+    if "prompt" not in first and {"chosen", "rejected"} <= first.keys() and _is_messages(first["chosen"]):
         rows = [split_shared_prompt(row, i, source) for i, row in enumerate(rows)]
         print0(f"{source}: no 'prompt' column; the messages that chosen and rejected share became the prompt")
     validate_rows(rows, kind, source)
@@ -197,8 +174,8 @@ def load_rows(dataset, split, kind):
 
 
 def _read_failure(path, error):
-    """Why datasets could not read `path`, in a line: an empty file, the first line of a .jsonl
-    file that is not JSON, else datasets' error and its cause (the cause is the informative part)."""
+    """Why datasets could not read `path`: an empty file, the first bad line of a .jsonl file, or
+    datasets' error and its cause (the informative part)."""
     if path.endswith((".json", ".jsonl")) and os.path.isfile(path):
         with open(path, errors="replace") as f:
             lines = f.read().splitlines()
@@ -221,30 +198,30 @@ def split_shared_prompt(row, i, source):
     """A pairwise row with an implicit prompt (chosen and rejected are whole conversations
     that start the same) -> {"prompt": the shared messages, "chosen"/"rejected": the rest}."""
     chosen, rejected = row["chosen"], row["rejected"]
-    if not (_is_messages(chosen) and _is_messages(rejected)):
-        raise DataError(f"{source}, row {i}: no 'prompt' column, and 'chosen'/'rejected' are not lists of messages to take it from")
     n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    if _is_messages(chosen) and _is_messages(rejected):
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
     if n == 0 or n == len(chosen) or n == len(rejected):
-        raise DataError(f"{source}, row {i}: no 'prompt' column, and 'chosen'/'rejected' do not start with shared prompt messages followed by different answers")
+        raise DataError(
+            f"{source}, row {i}: no 'prompt' column, and 'chosen'/'rejected' are not lists of messages that "
+            "start with shared prompt messages followed by different answers"
+        )
     return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 def unpair_rows(rows, seed):
     """Pairwise rows -> unpaired rows: each chosen completion labeled True (desirable, thumbs
     up) and each rejected one False, then shuffled so that a batch is not all one label."""
-    unpaired = [{"prompt": r["prompt"], "completion": r[field], "label": field == "chosen"} for r in rows for field in ("chosen", "rejected")]
+    unpaired = [{"prompt": r["prompt"], "completion": r[f], "label": f == "chosen"}
+                for r in rows for f in ("chosen", "rejected")]
     random.Random(seed).shuffle(unpaired)
     return unpaired
 
 
 def _is_messages(value):
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
-    )
+    is_message = lambda m: isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+    return isinstance(value, list) and len(value) > 0 and all(map(is_message, value))
 
 
 def validate_rows(rows, kind, source):
@@ -276,25 +253,26 @@ def validate_rows(rows, kind, source):
                     )
             elif field == "label":
                 if not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):
-                    fix = " (a JSON boolean or number, not a string: true rather than \"yes\" or \"true\")" if isinstance(value, str) else ""
-                    raise DataError(f"{source}, row {i}: field 'label' must be true/false or 0/1, got {value!r:.80}{fix}")
+                    fix = ' (a JSON boolean or number, not a string: true rather than "yes" or "true")'
+                    raise DataError(f"{source}, row {i}: field 'label' must be true/false or 0/1, got {value!r:.80}"
+                                    + (fix if isinstance(value, str) else ""))
             elif field == "score":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    fix = " (a JSON number, not a string: 0.7 rather than \"0.7\")" if isinstance(value, str) else ""
-                    raise DataError(f"{source}, row {i}: field 'score' must be a finite number, got {value!r:.80}{fix}")
+                    fix = ' (a JSON number, not a string: 0.7 rather than "0.7")'
+                    raise DataError(f"{source}, row {i}: field 'score' must be a finite number, got {value!r:.80}"
+                                    + (fix if isinstance(value, str) else ""))
 
 
 def _guess_renames(missing, spare):
-    """{spare column: missing field} for the missing fields that a spare column seems to hold:
-    a known synonym (COLUMN_ALIASES), a name that contains the field (chosen_response), or a
-    close spelling."""
+    """{spare column: missing field} where a spare column seems to hold a missing field: a known
+    synonym (COLUMN_ALIASES), a name that contains the field (chosen_response), a close spelling."""
     import difflib
 
     renames = {}
     for field in missing:
         free = [c for c in spare if c not in renames]
         lower = {c.lower(): c for c in free}
-        guesses = [c for c in free if c.lower() in COLUMN_ALIASES.get(field, ())] + [c for c in free if field in c.lower()]
+        guesses = [c for c in free if c.lower() in COLUMN_ALIASES.get(field, ()) or field in c.lower()]
         guesses += [lower[c] for c in difflib.get_close_matches(field, lower, n=1)]
         if guesses:
             renames[guesses[0]] = field
@@ -306,15 +284,12 @@ def _guess_renames(missing, spare):
 
 
 def render_chat(tokenizer, prompt, completion):
-    """Conversational rows -> (prompt_text, completion_text) through the chat template.
-
-    The completion's text is what the template adds after the prompt rendered with the
-    generation prompt, so special tokens of the template are scored as the model sees them.
-    """
+    """Conversational rows -> (prompt_text, completion_text) through the chat template: the
+    completion is what the template adds after the prompt with its generation prompt."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
-            "conversational rows (lists of messages) need a tokenizer with a chat template; this one has none: "
-            "use a chat model's tokenizer, set tokenizer.chat_template, or give the prompt and completions as plain strings"
+            "conversational rows (lists of messages) need a tokenizer with a chat template; this one has none: use "
+            "a chat model's tokenizer, set tokenizer.chat_template, or give the prompt and completions as plain strings"
         )
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if completion is None:
@@ -335,8 +310,7 @@ class TruncationStats:
         self.completions_truncated = 0
 
     def summary(self, max_length, max_prompt_length):
-        """One line for the log; a warning when most rows were cut, which usually means a
-        length limit meant for another dataset."""
+        """One line for the log; a warning when most rows were cut (a limit meant for other data)."""
         text = (
             f"{self.rows} rows: {self.prompts_truncated} prompts cut to their last {max_prompt_length} tokens, "
             f"{self.completions_truncated} completions cut to fit --max-length {max_length}"
@@ -351,20 +325,18 @@ class TruncationStats:
 def tokenize_examples(tokenizer, rows, completion_fields, max_length, max_prompt_length, stats=None, source=""):
     """Token ids of each row: {"prompt_ids": [...], field + "_ids": [...] for each completion field}.
 
-    Plain-text rows: the prompt gets the tokenizer's special tokens (BOS); every completion
-    ends with EOS. Conversational rows go through the chat template. A prompt longer than
-    `max_prompt_length` keeps its last tokens (the end is what the completion answers); a
-    completion that does not fit in `max_length` is cut at the end. Both are counted in `stats`
-    (a TruncationStats); with stats None they are printed, with False neither.
-    """
+    Plain-text prompts get the tokenizer's special tokens (BOS); every completion ends with EOS;
+    conversational rows go through the chat template. A prompt over `max_prompt_length` keeps its
+    last tokens; a completion that does not fit in `max_length` is cut at the end. Both are counted
+    in `stats` (a TruncationStats); with stats None they are printed, with False neither."""
     counts, examples = stats or TruncationStats(), []
     for i, row in enumerate(rows):
         prompt = row["prompt"]
         if any(isinstance(row[f], list) != isinstance(prompt, list) for f in completion_fields):
-            raise DataError(f"{source}, row {i}: the prompt and the completions must be all plain text or all lists of messages")
+            raise DataError(f"{source}, row {i}: the prompt and completions must be all plain text or all messages")
         if isinstance(prompt, list):
             try:
-                rendered = [render_chat(tokenizer, prompt, row[f]) for f in completion_fields] or [render_chat(tokenizer, prompt, None)]
+                rendered = [render_chat(tokenizer, prompt, row[f] if f else None) for f in completion_fields or [None]]
             except DataError as e:
                 raise DataError(f"{source}, row {i}: {e}")
             prompt_ids = tokenizer(rendered[0][0], add_special_tokens=False)["input_ids"]
@@ -394,11 +366,8 @@ def tokenize_examples(tokenizer, rows, completion_fields, max_length, max_prompt
 
 
 def build_batch(prompt_ids, completion_ids, pad_token_id, padding_side="right"):
-    """Concatenate and pad prompt + completion token lists into tensors.
-
-    Returns input_ids (B, T), attention_mask (B, T), and labels (B, T): the input ids on
-    completion tokens and IGNORE_INDEX on prompt and padding, so only completions are scored.
-    """
+    """Prompt + completion token lists -> padded input_ids, attention_mask and labels, each (B, T);
+    labels are the completion tokens and IGNORE_INDEX on prompt and padding (not scored)."""
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
@@ -433,41 +402,32 @@ def collate_pairs(examples, pad_token_id):
 def sequence_logps(model, input_ids, attention_mask, labels):
     """Sum of log pi(y_t | x, y_<t) over the completion tokens of each sequence.
 
-    input_ids, attention_mask, labels: (B, T); labels are IGNORE_INDEX where not scored.
-    Returns (logps, num_tokens), both (B,): the summed log-probs and how many tokens they sum.
-    Exact for left and right padding: position ids count real tokens only. Only the N scored
-    positions of the logits (B, T, V) go to fp32 for the log-softmax.
-    """
+    input_ids, attention_mask, labels: (B, T); labels are IGNORE_INDEX where not scored. Returns
+    (logps, num_tokens), both (B,). Exact for left and right padding (position ids count real
+    tokens only); only the N scored positions of the logits (B, T, V) go to fp32."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at the first real token
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-    logits = logits[:, :-1]  # (B, T-1, V): logits at position t predict token t+1
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    logits = outputs.logits[:, :-1]  # (B, T-1, V): logits at position t predict token t+1
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX  # (B, T-1)
     token_logps = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (N,)
     rows = mask.nonzero()[:, 0]  # (N,): which sequence each scored token belongs to
-    logps = torch.zeros(len(input_ids), dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    logps = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)  # (B,)
     return logps, mask.sum(-1)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
-    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token
-    lists, each cut after its first EOS, and whether each ended with EOS (False: it ran out of
-    `max_new_tokens`)."""
+    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token lists,
+    each cut after its first EOS, and whether each ended with EOS (False: it hit max_new_tokens)."""
     batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )[:, input_ids.shape[1] :].tolist()
     eos = tokenizer.eos_token_id
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_p=top_p,
+        top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
+        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )[:, input_ids.shape[1] :].tolist()  # fmt: skip
     ended = [eos in ids for ids in out]
     return [ids[: ids.index(eos) + 1] if e else ids for ids, e in zip(out, ended)], ended
 
@@ -512,9 +472,7 @@ def lr_lambda(scheduler, warmup_steps, total_steps):
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress if scheduler == "linear" else 1.0
+        return {"cosine": 0.5 * (1.0 + math.cos(math.pi * progress)), "linear": 1.0 - progress}.get(scheduler, 1.0)
 
     return f
 
@@ -528,14 +486,11 @@ class MetricsLog:
     resumed at `start_step` into the same folder keeps the lines of steps up to start_step."""
 
     def __init__(self, output_dir, enabled, start_step=0):
-        self.enabled = enabled
+        self.enabled, path = enabled, Path(output_dir) / "metrics.jsonl"
         if enabled:
-            path = Path(output_dir) / "metrics.jsonl"
-            kept = []
-            if start_step > 0 and path.exists():
-                kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            lines = open(path).readlines() if start_step > 0 and path.exists() else []
             self.file = open(path, "w")
-            self.file.writelines(kept)
+            self.file.writelines(x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step)
 
     def log(self, metrics):
         if self.enabled:
@@ -549,7 +504,8 @@ def save_model(model, tokenizer, output_dir):
     are gathered to rank 0's CPU by torch.distributed.checkpoint's get_model_state_dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized()))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    state_dict = get_model_state_dict(model, options=options)  # a collective under FSDP
     if int(os.environ.get("RANK", 0)) == 0:
         model = getattr(model, "module", model)  # the model inside DDP
         model.save_pretrained(output_dir, state_dict=state_dict)
@@ -558,41 +514,43 @@ def save_model(model, tokenizer, output_dir):
         dist.barrier()  # nobody reads the folder before it is complete
 
 
-# A checkpoint, <output_dir>/checkpoints/step-00000100/, holds everything the next optimizer
-# step depends on, so that a resumed run makes exactly the updates an uninterrupted one makes:
-#   state/          torch.distributed.checkpoint (dcp.save) of the models' trainable weights
-#                   and the optimizer, each rank writing its own shards under FSDP
-#   rng-<rank>.pt   each rank's RNG states (sampling, dropout)
-#   trainer.pt      step, scheduler, the arguments, and what the script adds
+# A checkpoint, <output_dir>/checkpoints/step-00000100/, holds all that the next step depends on,
+# so that a resumed run makes exactly the updates of an uninterrupted one:
+#   state/          torch.distributed.checkpoint of the models' trained weights and the optimizer
+#                   (each rank writes its own shards under FSDP)
+#   rng-<rank>.pt   each rank's RNG states;  trainer.pt  step, scheduler, arguments, script extras
 #   policy/         the policy in Hugging Face format, for evaluate.py and from_pretrained
-# It is written into a hidden temporary folder and renamed once complete: a run killed while
-# saving leaves the previous checkpoints intact (and a stale .tmp-* folder, removed next time).
+# It is written to a hidden temporary folder and renamed once complete: a run killed while saving
+# leaves the previous checkpoints intact (and a .tmp-* folder, removed by the next save).
 
 DATA_ORDER_ARGS = ("dataset", "train_split", "seed", "num_epochs", "max_length", "max_prompt_length")
 
 
-def _trainable_state(model, optimizer=None):
-    """{"model": trainable weights, "optim": the optimizer} in dcp's format (get_state_dict)."""
+def _dcp_state(models, optimizer):
+    """What dcp saves and loads in place: {name: {"model": weights, "optim": ...}}, from
+    torch.distributed.checkpoint's get_state_dict (full or sharded tensors alike). The policy's
+    frozen weights (LoRA's base model) never change, so they are left out: they load from --model-name."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    if optimizer is None:
-        model_state, optim_state = get_model_state_dict(model), {}
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-    # the frozen weights of a trained model (LoRA's base model) never change: they load from --model-name
-    frozen = {n.removeprefix("module.") for n, p in model.named_parameters() if optimizer and not p.requires_grad}
-    return {"model": {k: v for k, v in model_state.items() if k not in frozen}, "optim": optim_state}
+    state = {}
+    for name, model in models.items():
+        if name == "policy":
+            weights, optim = get_state_dict(model, optimizer)
+            frozen = {n.removeprefix("module.") for n, p in model.named_parameters() if not p.requires_grad}
+            state[name] = {"model": {k: v for k, v in weights.items() if k not in frozen}, "optim": optim}
+        else:
+            state[name] = {"model": get_model_state_dict(model)}
+    return state
 
 
 def save_checkpoint(output_dir, step, keep, tokenizer, models, optimizer, scheduler, args, extra=None):
-    """Write checkpoint `step` on every rank and keep the latest `keep`. `models` maps a name to a
-    model ("policy" first: the optimizer's; others, such as TR-DPO's moving reference, by name).
-    Returns the checkpoint's path."""
+    """Write checkpoint `step` (on every rank) and keep the latest `keep`. `models` maps a name to a
+    model: "policy", whose optimizer this is, and any other that changes (TR-DPO's reference)."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
 
-    rank = int(os.environ.get("RANK", 0))
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     if rank == 0:
@@ -601,16 +559,15 @@ def save_checkpoint(output_dir, step, keep, tokenizer, models, optimizer, schedu
         tmp.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    state = {name: _trainable_state(model, optimizer if name == "policy" else None) for name, model in models.items()}
-    dcp.save(state, checkpoint_id=tmp / "state", no_dist=not dist.is_initialized())
+    dcp.save(_dcp_state(models, optimizer), checkpoint_id=tmp / "state", no_dist=not dist.is_initialized())
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / f"rng-{rank}.pt")
     save_model(models["policy"], tokenizer, tmp / "policy")  # a collective under FSDP; ends with a barrier
     if rank == 0:
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "args": vars(args), "world_size": world_size, "extra": extra or {}}, tmp / "trainer.pt")
+        trainer = {"step": step, "scheduler": scheduler.state_dict(), "args": vars(args), "world_size": world_size}
+        torch.save({**trainer, "extra": extra or {}}, tmp / "trainer.pt")
         if final.exists():  # the same step saved before (a run resumed from an earlier checkpoint)
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: the checkpoint now exists, complete
@@ -621,50 +578,48 @@ def save_checkpoint(output_dir, step, keep, tokenizer, models, optimizer, schedu
     return final
 
 
-def find_checkpoint(path):
-    """A checkpoint folder, or the latest complete one of a run folder (or its checkpoints/)."""
-    path = Path(path)
-    if (path / "trainer.pt").exists():
-        return path
-    for folder in (path / "checkpoints", path):
-        found = sorted(p for p in folder.glob("step-*") if (p / "trainer.pt").exists()) if folder.is_dir() else []
-        if found:
-            return found[-1]
-    raise SystemExit(f"--resume-from {str(path)!r}: no checkpoint there (a step-* folder holding trainer.pt, or a run folder with checkpoints/step-*)")
-
-
 def load_checkpoint(path, models, optimizer, scheduler, args, global_batch_size):
-    """Restore what save_checkpoint wrote into the models (built as for a fresh run: loaded,
-    wrapped, sharded), the optimizer, the scheduler and this rank's RNG states. Stops if the
-    data order would differ from the checkpoint's. Returns (step, extra)."""
+    """Restore save_checkpoint's state into the models (built as for a fresh run), the optimizer,
+    the scheduler and this rank's RNG states from `path`: a checkpoint, or a run folder (its latest
+    complete one). Refuses a run whose data order would differ. Returns (step, extra)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-    checkpoint = find_checkpoint(path)
+    found = [Path(path)] + sorted((Path(path) / "checkpoints").glob("step-*")) + sorted(Path(path).glob("step-*"))
+    found = [p for p in found if (p / "trainer.pt").exists()]
+    if not found:
+        raise SystemExit(f"--resume-from {path!r}: no checkpoint there (a step-* folder with trainer.pt, or its run)")
+    checkpoint = found[0] if found[0] == Path(path) else found[-1]
     trainer = torch.load(checkpoint / "trainer.pt", weights_only=False)
-    saved = trainer["args"]
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}" for k in DATA_ORDER_ARGS if k in saved and saved[k] != getattr(args, k)]
+    saved, world_size = trainer["args"], int(os.environ.get("WORLD_SIZE", 1))
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}" for k in DATA_ORDER_ARGS
+               if k in saved and saved[k] != getattr(args, k)]  # fmt: skip
     saved_global = saved["per_device_batch_size"] * trainer["world_size"] * saved["gradient_accumulation_steps"]
     if saved_global != global_batch_size:
         changed.append(f"global batch {saved_global} -> {global_batch_size}")
     if bool(saved.get("lora_r")) != bool(getattr(args, "lora_r", 0)):
         changed.append(f"--lora-r {saved.get('lora_r')} -> {getattr(args, 'lora_r', 0)}")
     if changed:
-        raise SystemExit(f"--resume-from {checkpoint}: the run's data order would differ from the checkpoint's ({'; '.join(changed)}); resume with the same settings")
-    others = [f"{k} {v!r} -> {getattr(args, k)!r}" for k, v in saved.items() if k not in ("resume_from", "output_dir") and hasattr(args, k) and v != getattr(args, k)]
+        raise SystemExit(f"--resume-from {checkpoint}: the run's data order would differ from the checkpoint's "
+                         f"({'; '.join(changed)}); resume with the same settings")
+    others = [f"{k} {v!r} -> {getattr(args, k)!r}" for k, v in saved.items() if k not in ("resume_from", "output_dir")
+              and hasattr(args, k) and v != getattr(args, k)]  # fmt: skip
     if others:
         print0(f"resuming with changed arguments: {', '.join(others)}")
-    state = {name: _trainable_state(model, optimizer if name == "policy" else None) for name, model in models.items()}
-    dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())  # in place, each rank reading its own shards
+    state = _dcp_state(models, optimizer)
+    dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())  # each rank its shards
+    strict = StateDictOptions(strict=False)  # the policy's frozen weights are not in the checkpoint
     for name, model in models.items():
         if name == "policy":
-            set_state_dict(model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"], options=StateDictOptions(strict=False))
+            set_state_dict(model, optimizer, model_state_dict=state[name]["model"],
+                           optim_state_dict=state[name]["optim"], options=strict)
         else:
-            set_model_state_dict(model, state[name]["model"], options=StateDictOptions(strict=False))
+            set_model_state_dict(model, state[name]["model"], options=strict)
     scheduler.load_state_dict(trainer["scheduler"])
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world_size != trainer["world_size"]:
-        print0(f"the checkpoint was written by {trainer['world_size']} process(es), this run has {world_size}: same data order, but the random streams restart")
+        print0(f"the checkpoint was written by {trainer['world_size']} process(es), this run has {world_size}: "
+               "the same data order, but the random streams restart")
+    rank = int(os.environ.get("RANK", 0))
     rng = torch.load(checkpoint / f"rng-{rank % trainer['world_size']}.pt", weights_only=False)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])

@@ -1,7 +1,7 @@
 """DPO: Direct Preference Optimization (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290).
 
 Given pairs (x, y_w, y_l) where y_w was preferred, push up the policy's log-ratio to the
-frozen reference on y_w relative to y_l:
+reference on y_w relative to y_l:
 
     h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
     L = -log sigmoid(beta * h)                                        (Eq. 7)
@@ -58,7 +58,7 @@ from common import (
 class Args:
     # --- model and data ---
     model_name: str = "toy/sft-policy"
-    """hub id or local path of the starting policy (usually SFT); the frozen reference is a copy"""
+    """hub id or local path of the starting policy (usually SFT), where the reference starts"""
     dataset: str = "toy/data/pairwise"
     """hub id, local folder, or .json/.jsonl/.parquet file of {"prompt", "chosen", "rejected"} rows"""
     train_split: str = "train"
@@ -208,7 +208,7 @@ if __name__ == "__main__":
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
-        raise SystemExit(f"{train_source}: {len(train_examples)} rows, fewer than one global batch of {global_batch_size}")
+        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
     total_steps = batches_per_epoch * args.num_epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
@@ -219,9 +219,11 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA
-    # the policy itself with its adapter switched off (peft's disable_adapter), which is the base model.
-    policy = load_model(args.model_name, device)
+    # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
+    # itself with its adapter switched off (peft's disable_adapter), which is the base model; with
+    # --precompute-ref-logprobs none: the policy scores the data before it trains (below)
+    policy = load_model(args.model_name, device).train()  # (from_pretrained's eval mode skips gradient checkpointing)
+    reference = None if args.lora_r > 0 or args.precompute_ref_logprobs else load_model(args.model_name, device).eval()
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r > 0:
@@ -230,9 +232,6 @@ if __name__ == "__main__":
         targets = "all-linear" if args.lora_target_modules == ("all-linear",) else list(args.lora_target_modules)
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
         policy = get_peft_model(policy, config)  # B = 0: starts exactly as the base model; only B and A train
-        reference = None
-    else:
-        reference = load_model(args.model_name, device).eval().requires_grad_(False)
     if args.fsdp and world_size > 1:
         # FSDP2: each decoder layer (the classes a transformers model names in _no_split_modules), then the
         # rest, is split into world_size shards; a layer is gathered only while it runs, and each process
@@ -263,24 +262,23 @@ if __name__ == "__main__":
         """The reference's log-probs (B,) of chosen and rejected."""
         if "reference_logps" in batch:  # --precompute-ref-logprobs
             return batch["reference_logps"].unbind(-1)
-        with model.disable_adapter() if reference is None else nullcontext():
+        with model.disable_adapter() if args.lora_r > 0 else nullcontext():
             return forward_pairs(model if reference is None else reference, batch, args.loss_type)
 
-    if args.precompute_ref_logprobs:  # one pass of the reference over the data (on every rank), then free it
-        for examples in (train_examples, eval_examples):
-            for i in range(0, len(examples), args.per_device_batch_size):
-                chunk = examples[i : i + args.per_device_batch_size]
-                with autocast:
-                    logps = torch.stack(reference_pairs(make_batch(chunk)), -1).tolist()  # (B, 2)
-                for example, pair in zip(chunk, logps):
-                    example["reference_logps"] = pair
-        reference = None  # freed: every batch now carries its reference log-probs
+    if args.precompute_ref_logprobs:  # one pass over the data on every rank, by the policy before it trains
+        examples = train_examples + eval_examples
+        for i in range(0, len(examples), args.per_device_batch_size):
+            chunk = examples[i : i + args.per_device_batch_size]
+            with autocast:
+                pairs = torch.stack(reference_pairs(make_batch(chunk)), -1)  # (B, 2)
+            for example, pair in zip(chunk, pairs.tolist()):
+                example["reference_logps"] = pair
 
     def evaluate():
-        """Loss and reward accuracy on the held-out pairs, split over the ranks. Every rank runs as many
-        batches (FSDP's forward is collective): the last wrap around to the first pairs, not counted."""
+        """Held-out metrics, split over the ranks. Every rank runs as many batches (FSDP's forward is
+        collective): the last wrap around to the first examples, which are not counted."""
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, accuracy, margin, count
+        sums = {}  # named sums over this rank's held-out examples, then over the ranks
         B = args.per_device_batch_size
         with torch.no_grad(), autocast:
             for b in range(math.ceil(len(eval_examples) / (world_size * B))):
@@ -293,19 +291,21 @@ if __name__ == "__main__":
                     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                     args.beta, args.loss_type, args.label_smoothing,
                 )
-                margins = chosen_rewards - rejected_rewards
-                sums += torch.stack([  # (4,)
-                    losses[counted].sum(), (margins[counted] > 0).sum(), margins[counted].sum(), counted.sum()
-                ])
+                margins = (chosen_rewards - rejected_rewards)[counted]
+                for name, value in {
+                    "loss": losses[counted].sum(),
+                    "rewards/accuracies": (margins > 0).sum(),
+                    "rewards/margins": margins.sum(),
+                    "count": counted.sum(),
+                }.items():
+                    sums[name] = sums.get(name, 0) + value.double()
         model.train()
+        names, sums = list(sums), torch.stack(list(sums.values()))
         if world_size > 1:
             dist.all_reduce(sums)
-        loss, accuracy, margin, count = sums.tolist()
-        return {
-            "eval/loss": loss / count,
-            "eval/rewards/accuracies": accuracy / count,
-            "eval/rewards/margins": margin / count,
-        }
+        sums = dict(zip(names, sums.tolist()))
+        count = sums.pop("count")
+        return {f"eval/{name}": value / count for name, value in sums.items()}
 
     # ------------------------------------------------------------------ training
     models = {"policy": policy}  # what a checkpoint holds, with the optimizer, scheduler and RNG states
@@ -313,7 +313,7 @@ if __name__ == "__main__":
     if args.resume_from:
         step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
     metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc="dpo")
+    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
     start_time = time.time()
 
     def save_state():
@@ -322,7 +322,7 @@ if __name__ == "__main__":
 
     for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
         step_start = time.time()
-        sums = {}  # named sums over this rank's pairs of the step, then over the ranks
+        sums = {}  # named sums over this rank's examples of the step, then over the ranks
         for micro_step in range(args.gradient_accumulation_steps):
             indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)
             batch = make_batch([train_examples[i] for i in indices])
@@ -379,14 +379,15 @@ if __name__ == "__main__":
     progress.close()
     train_seconds = time.time() - start_time
     # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
-    peak_memory = torch.cuda.max_memory_allocated(device) if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_memory = torch.cuda.max_memory_allocated() if on_gpu else peak_rss
 
     # ------------------------------------------------------------------ evaluation
     results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
     if args.eval_split:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
-        print0(f"held-out: loss {results['eval/loss']:.4f}, reward accuracy {results['eval/rewards/accuracies']:.3f}")
+        print0("held-out:", ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items() if "eval/" in k and v is not None))
 
     # ------------------------------------------------------------------ save
     save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes

@@ -14,14 +14,15 @@ from each checkpoint, with the same seed for every model, and report per checkpo
     length    mean completion length in tokens (EOS included)
 
 The reference is sampled and scored once and is the first row of the table (KL 0, win rate
-0.5 by construction). Sampling is `common.sample_records`, which every script's end-of-run
+0.5 by construction). Sampling is `toy.evaluate.sample_records`, which every script's end-of-run
 evaluation uses, so with the same seed, prompts and batch size the rewards and KL here equal
 the ones a script run as one process prints; this file keeps every sample, which the win
 rate needs.
 
 Run:
     python evaluate.py --checkpoints runs/dpo runs/una_offline
-    python evaluate.py --checkpoints runs/dpo --reward-model path/to/reward-model --dataset my_prompts.jsonl --split train
+    python evaluate.py --checkpoints runs/dpo --reward-model path/to/reward-model \
+        --dataset my_prompts.jsonl --split train
 
 Outputs: a table on screen and --output (JSON: the arguments, "reference" and the list
 "checkpoints" in the order given, each with its metrics and a few example completions).
@@ -37,25 +38,18 @@ from typing import Optional, Tuple
 import torch
 import tyro
 
-from common import (
-    is_toy_prompts,
-    load_model,
-    load_reward_model,
-    load_rows,
-    load_tokenizer,
-    reward_model_scores,
-    sample_records,
-    unique_prompts,
-)
+from common import load_model, load_rows, load_tokenizer
+from toy.evaluate import sample_records, true_reward, unique_prompts
+from toy.task import parse_prompt
 
 
 @dataclass
 class Args:
     # --- models and data ---
     checkpoints: Tuple[str, ...] = ()
-    """local paths or hub ids of the trained policies (Hugging Face format, or the LoRA adapter a --lora-r run saves: merged into its base model on loading) to evaluate"""
+    """trained policies to evaluate: local paths or hub ids (Hugging Face format, or a --lora-r run's adapter)"""
     reference: str = "toy/sft-policy"
-    """hub id or local path of the reference policy (the starting policy); its tokenizer is used for every policy"""
+    """hub id or local path of the reference (the starting policy); its tokenizer serves every policy"""
     dataset: str = "toy/data/prompts"
     """hub id, local folder, or .json/.jsonl/.parquet file whose "prompt" column gives the prompts"""
     split: str = "test"
@@ -67,7 +61,7 @@ class Args:
 
     # --- reward ---
     reward_model: str = ""
-    """hub id or local path of a sequence-classification reward model with one output ('': the built-in task's true reward)"""
+    """hub id or local path of a one-output sequence-classification reward model ('': the built-in task's reward)"""
 
     # --- sampling ---
     sample_prompts: int = 24
@@ -80,6 +74,48 @@ class Args:
     """completions sampled per forward pass (32 matches the scripts' end-of-run evaluation)"""
     bf16: Optional[bool] = None
     """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+
+
+def load_reward_model(name, device):
+    """A sequence-classification reward model with one output, frozen in fp32, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
+        reward_tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"could not load --reward-model {name!r}: {e}")
+    if reward_model.config.num_labels != 1:
+        raise SystemExit(f"--reward-model {name!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
+    if reward_tokenizer.pad_token is None:
+        if reward_tokenizer.eos_token is None:
+            raise SystemExit(f"the tokenizer of --reward-model {name!r} has neither a pad nor an EOS token to pad with")
+        reward_tokenizer.pad_token = reward_tokenizer.eos_token
+    reward_tokenizer.padding_side = "right"  # position ids then count real tokens: a batch scores as each text alone
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
+    return reward_model.to(device).eval().requires_grad_(False), reward_tokenizer
+
+
+def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
+    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
+    becomes one user message) and the completion as the assistant's reply; without one, the
+    prompt and completion as the policy saw them, decoded without special tokens."""
+    if getattr(reward_tokenizer, "chat_template", None) is None:
+        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
+    texts = []
+    for prompt, c in zip(prompts, completion_ids):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
+        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
+    return texts
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, reward_tokenizer, texts):
+    """Raw scores (B,) of a reward model for a batch of reward_model_texts."""
+    add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them
+    inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    return reward_model(**inputs.to(reward_model.device)).logits[:, 0].float()  # (B,)
 
 
 def win_rate(policy_rewards, reference_rewards):
@@ -124,9 +160,11 @@ def format_table(results):
     """Plain-text table of the reference and every checkpoint (results: list of metrics with a "model" key)."""
     rows = [("model", "reward", "+-", "KL (nats)", "win rate", "length")]
     for m in results:
-        rows.append((m["model"], f"{m['reward']:.3f}", f"{m['reward_stderr']:.3f}", f"{m['kl']:.3f}", f"{m['win_rate']:.3f}", f"{m['length']:.1f}"))
+        numbers = (m["reward"], m["reward_stderr"], m["kl"], m["win_rate"])
+        rows.append((m["model"], *(f"{x:.3f}" for x in numbers), f"{m['length']:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+    align = lambda i, cell, w: cell.ljust(w) if i == 0 else cell.rjust(w)  # noqa: E731
+    return "\n".join("  ".join(align(i, cell, w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
 
 
 if __name__ == "__main__":
@@ -134,6 +172,7 @@ if __name__ == "__main__":
     start_time = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ------------------------------------------------------------------ prompts and reward
     prompts = unique_prompts(load_rows(args.dataset, args.split, "prompts"))
@@ -142,12 +181,15 @@ if __name__ == "__main__":
         reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
 
         def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
-            return reward_model_scores(reward_model, reward_tokenizer, tokenizer, batch_prompts, prompt_ids, completion_ids, device, bf16).tolist()
+            texts = reward_model_texts(tokenizer, reward_tokenizer, batch_prompts, prompt_ids, completion_ids)
+            with autocast:
+                return reward_model_scores(reward_model, reward_tokenizer, texts).tolist()
 
+    elif all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
+        score = true_reward  # the built-in task's, 0 for a sample that never ended
     else:
-        if not is_toy_prompts(prompts):
-            raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in task: pass a --reward-model to score them")
-        score = None  # sample_records' default: the built-in task's true reward, 0 for a sample that never ended
+        raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in task: "
+                         "pass a --reward-model to score them")
 
     # ------------------------------------------------------------------ reference, then each checkpoint
     tokenizer = load_tokenizer(args.reference)
@@ -165,9 +207,11 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ report
     reward_name = f"mean score of {args.reward_model}" if args.reward_model else "true reward of the built-in task"
-    print(f"\nreward: {reward_name}; KL: nats per sequence to {args.reference}; win rate: against {args.reference}'s samples\n")
+    print(f"\nreward: {reward_name}; KL: nats per sequence to {args.reference}; "
+          f"win rate: against {args.reference}'s samples\n")
     print(format_table(results))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"args": asdict(args), "reward": reward_name, "reference": results[0], "checkpoints": results[1:]}, f, indent=2)
+        json.dump({"args": asdict(args), "reward": reward_name, "reference": results[0], "checkpoints": results[1:]},
+                  f, indent=2)
     print(f"\nwrote {args.output} ({time.time() - start_time:.0f}s)")

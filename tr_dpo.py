@@ -1,87 +1,57 @@
-"""TR-DPO: DPO with a trust-region reference (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656).
+"""TR-DPO: DPO (2305.18290) with a trust-region reference (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656).
 
-This is dpo.py (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290) with one change: the
-reference is not frozen. Every tau optimizer steps it moves towards the policy, in parameter
-space (the soft and hard updates of 2404.09656):
+Given pairs (x, y_w, y_l) where y_w was preferred, push up the policy's log-ratio to the
+reference on y_w relative to y_l:
 
     h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
-    L = -log sigmoid(beta * h)                                        (Eq. 7 of 2305.18290)
-    every tau steps:  theta_ref <- alpha * theta + (1 - alpha) * theta_ref
+    L = -log sigmoid(beta * h)                                        (Eq. 7)
+    every tau steps:  theta_ref <- alpha * theta + (1 - alpha) * theta_ref          (2404.09656)
 
-alpha = 1 is the hard update (copy the policy into the reference); alpha = 0, or tau longer
-than the run, is exactly DPO. `--loss-type ipo` gives TR-IPO; label smoothing gives TR-cDPO.
-The update matters once beta * h is of order 1: while it is small, sigmoid(-beta * h) stays
-near 1/2 whatever the reference, and the gradient is nearly DPO's (on the built-in task at the
-default learning rate, the mean beta * h stays below 0.1 and TR-DPO ends where DPO does).
-
-Departures from dpo.py, besides the update:
-1. `ref/param_distance` (global L2 norm of theta - theta_ref, after the update) is logged at
-   every sync step.
-2. The end-of-run evaluation (held-out loss and accuracy, true reward, KL) is measured against
-   the STARTING policy, reloaded from --model-name after training (with LoRA, the policy with
-   its adapter disabled), so that eval.json compares with dpo.py's as is; evaluations during
-   training (--eval-every) use the current reference, the one the loss is computed against.
+with conservative DPO (label smoothing) and IPO (`--loss-type ipo`) as options.
 
 Run:
     python tr_dpo.py                                   # built-in task, CPU, about a minute
     torchrun --nproc_per_node 8 tr_dpo.py --model-name Qwen/Qwen2-0.5B-Instruct \\
-        --dataset trl-lib/ultrafeedback_binarized --learning-rate 1e-6 --beta 0.05 \\
-        --ref-mixup-alpha 0.6 --ref-sync-steps 512 --per-device-batch-size 4 \\
-        --gradient-accumulation-steps 2 --max-length 1024 --max-prompt-length 512
-    torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $ADDR --nproc_per_node 8 tr_dpo.py \\
-        --model-name mistralai/Mistral-7B-v0.1 --fsdp --lora-r 32 --lora-alpha 64 ...   # 7B: README, "Real scale on GPUs"
+        --dataset trl-lib/ultrafeedback_binarized --learning-rate 5e-7 --per-device-batch-size 4 \\
+        --max-length 1024 --max-prompt-length 512
+    (a 7B model over several nodes with --fsdp and --lora-r: README, "Real scale on GPUs")
 
 Outputs in --output-dir: metrics.jsonl (one line per step), eval.json, args.json, and the
 trained policy in Hugging Face format (with --lora-r, its LoRA adapter).
 """
 
 import json
+import math
 import os
+import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (
-    LOGPS_INPUTS,
-    TruncationStats,
     MetricsLog,
-    all_reduce_sum,
-    autocast_context,
-    cleanup_distributed,
-    effective_parameters,
     collate_pairs,
-    find_checkpoint,
-    gradient_sync,
-    is_toy_prompts,
     load_checkpoint,
     load_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
     micro_batch,
-    pack_batch,
-    packing_works,
-    peak_memory_mb,
-    prepare_policy,
-    prepare_reference,
     print0,
-    sample_eval,
-    save_args,
     save_checkpoint,
     save_model,
-    seed_everything,
     sequence_logps,
     setup_distributed,
-    stop_if_not_finite,
     tokenize_examples,
     training_batches,
-    unique_prompts,
-    unsharded,
 )
 
 
@@ -89,7 +59,7 @@ from common import (
 class Args:
     # --- model and data ---
     model_name: str = "toy/sft-policy"
-    """hub id or local path of the starting policy (usually SFT); the reference starts as a copy"""
+    """hub id or local path of the starting policy (usually SFT), where the reference starts"""
     dataset: str = "toy/data/pairwise"
     """hub id, local folder, or .json/.jsonl/.parquet file of {"prompt", "chosen", "rejected"} rows"""
     train_split: str = "train"
@@ -103,19 +73,19 @@ class Args:
 
     # --- algorithm ---
     beta: float = 0.1
-    """strength of the KL penalty to the current reference: larger stays closer (the TR-DPO paper: 0.05)"""
+    """strength of the KL penalty to the reference: larger stays closer"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: DPO (Eq. 7 of 2305.18290); ipo: IPO (Eq. 17 of 2310.12036) on length-averaged log-probs"""
     label_smoothing: float = 0.0
-    """conservative DPO: assumed probability in [0, 0.5) that a preference label is flipped (sigmoid only)"""
+    """conservative DPO: assumed probability in [0, 0.5) that a preference label is flipped"""
     ref_mixup_alpha: float = 0.6
-    """alpha in [0, 1] of the reference update theta_ref <- alpha * theta + (1 - alpha) * theta_ref (1: hard update, 0: DPO; paper: 0.6)"""
+    """alpha in [0, 1] of the reference update (1: hard update, a copy; 0: DPO; the paper: 0.6)"""
     ref_sync_steps: int = 32
-    """tau: optimizer steps between reference updates (32: 7 updates in the built-in task's 250 steps; paper: 512)"""
+    """tau: optimizer steps between reference updates (the paper: 512; beyond the run: DPO)"""
 
     # --- optimizer ---
     learning_rate: float = 1e-5
-    """peak learning rate of AdamW (about 5e-7 to 1e-6 for real LLMs; the TR-DPO paper: 1e-6 with beta 0.05)"""
+    """peak learning rate of AdamW (about 5e-7 to 1e-6 for real LLMs)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
@@ -151,7 +121,7 @@ class Args:
 
     # --- checkpoints ---
     save_every: int = 0
-    """write a checkpoint (policy, optimizer, scheduler, RNG states, step) every this many optimizer steps (0: never)"""
+    """write a checkpoint every this many optimizer steps (0: never)"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
     resume_from: str = ""
@@ -163,20 +133,19 @@ class Args:
     gradient_checkpointing: Optional[bool] = None
     """recompute activations in the backward pass to save memory (default: on for GPU)"""
     fsdp: bool = False
-    """with several processes, shard the policy and the reference (weights, gradients, optimizer state) per decoder layer with FSDP2 instead of replicating them with DDP"""
+    """with several processes, shard the models per decoder layer (FSDP2) instead of replicating them (DDP)"""
     lora_r: int = 0
     """rank of LoRA adapters (peft) trained instead of the full weights (0: full fine-tuning)"""
     lora_alpha: float = 16.0
     """LoRA scale: an adapted layer computes W x + (alpha / r) B A x"""
     lora_target_modules: Tuple[str, ...] = ("all-linear",)
-    """the linear layers LoRA adapts, by name (e.g. q_proj v_proj), or all-linear: every linear layer but the output head"""
+    """the linear layers LoRA adapts, by name (e.g. q_proj v_proj), or all-linear (all but the output head)"""
     lora_merge: bool = False
-    """with LoRA, also save the policy with its adapter merged in, to <output_dir>/merged (loads with AutoModelForCausalLM.from_pretrained)"""
-    pack_sequences: bool = False
-    """put the sequences of a micro-batch end to end in fewer rows instead of padding each to the longest (common.pack_batch): the same losses up to float rounding, far less padding. Off by default: on CPU it takes about a fifth off a step on the built-in task, but with sdpa on GPU a packed row attends over its whole length under a block-diagonal mask, which can cost more than the padding it saves when the sequences are long. A model that cannot keep packed sequences apart is padded instead, with a note"""
+    """with LoRA, also save the policy with its adapter merged in, to <output_dir>/merged"""
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta, loss_type, label_smoothing):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+             loss_type, label_smoothing):
     """DPO / cDPO / IPO loss of a batch of pairs.
 
     Each argument is a (B,) tensor of log pi(y|x) summed over completion tokens (for IPO,
@@ -199,34 +168,25 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 @torch.no_grad()
 def update_reference(policy, reference, alpha):
-    """The trust-region reference update of TR-DPO (arXiv 2404.09656), in place on `reference`:
-
-        theta_ref <- alpha * theta + (1 - alpha) * theta_ref
-
-    over the floating-point parameters this process holds: under DDP all of them (every rank
-    holds the same weights, so every rank keeps the same reference), under FSDP its shards (the
-    reference is sharded like the policy, so shard meets shard). With LoRA, theta is the weight
-    the policy computes with, W + (alpha / r) B A (common.effective_parameters). alpha = 1 is
-    the paper's hard update (an exact copy); buffers such as rotary frequencies are not trained
-    and stay as they are. Returns the global L2 norm of theta - theta_ref after the update.
-    """
-    policy_params, reference_params = effective_parameters(policy), dict(reference.named_parameters())
-    if policy_params.keys() != reference_params.keys():
-        raise ValueError("the policy and the reference have different parameters")
-    names = [n for n, p in reference_params.items() if p.is_floating_point()]
-    # lerp_(end, w) = start + w * (end - start), computed as end - (1 - w) * (end - start) for w >= 0.5: exact at w = 1
-    torch._foreach_lerp_([reference_params[n] for n in names], [policy_params[n] for n in names], alpha)
-    distances = torch.stack([torch.linalg.vector_norm(policy_params[n] - reference_params[n]) for n in names])  # (num_params,)
-    return torch.linalg.vector_norm(distances).item()
+    """TR-DPO's update in place (shard by shard under FSDP): theta_ref <- alpha * theta + (1 - alpha) * theta_ref,
+    theta being the weight the policy computes with (LoRA: W + (alpha / r) B A). Returns ||theta - theta_ref||."""
+    theta = {n.removeprefix("base_model.model.").replace(".base_layer.", "."): p for n, p in policy.named_parameters()}
+    for name, module in policy.named_modules():
+        if hasattr(module, "get_delta_weight"):  # a LoRA layer (peft): W + (alpha / r) B A of get_peft_model's adapter
+            key = name.removeprefix("base_model.model.") + ".weight"
+            theta[key] = module.base_layer.weight + module.get_delta_weight("default")
+    for name, p in reference.named_parameters():
+        p.lerp_(theta[name], alpha)  # computed as end - (1 - w) (end - start) for w >= 0.5: exactly a copy at alpha = 1
+    return torch.stack([torch.linalg.vector_norm(theta[n] - p) for n, p in reference.named_parameters()]).norm().item()
 
 
 def forward_pairs(model, batch, loss_type):
-    """Log-probs of chosen and rejected in one forward pass over the 2B concatenated rows (padded or packed)."""
-    logps, num_tokens = sequence_logps(model, **{k: batch[k] for k in LOGPS_INPUTS if k in batch})  # (2B,)
+    """Log-probs (B,) of chosen and rejected in one forward pass over the 2B concatenated rows."""
+    logps, num_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
     if loss_type == "ipo":
         logps = logps / num_tokens
     B = len(logps) // 2
-    return logps[:B], logps[B:], num_tokens
+    return logps[:B], logps[B:]
 
 
 if __name__ == "__main__":
@@ -235,9 +195,10 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ setup
     rank, world_size, device = setup_distributed()
     master_process = rank == 0
-    seed_everything(args.seed)  # the same on every rank: same data order, same start
-    bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
-    gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
+    torch.manual_seed(args.seed)  # the same on every rank: same data order, same start
+    on_gpu = device.type == "cuda"
+    bf16 = args.bf16 if args.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
+    gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else on_gpu
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
@@ -250,127 +211,170 @@ if __name__ == "__main__":
     if args.ref_sync_steps < 1:
         raise SystemExit(f"--ref-sync-steps must be at least 1, got {args.ref_sync_steps}")
     if args.max_prompt_length >= args.max_length:
-        raise SystemExit(f"--max-prompt-length ({args.max_prompt_length}) must be below --max-length ({args.max_length})")
-    checkpoint = find_checkpoint(args.resume_from) if args.resume_from else None
+        raise SystemExit(f"--max-prompt-length {args.max_prompt_length} must be below --max-length {args.max_length}")
     if master_process:
-        save_args(args, args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} pairs")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
     train_rows = load_rows(args.dataset, args.train_split, "pairwise")
     eval_rows = load_rows(args.dataset, args.eval_split, "pairwise") if args.eval_split else []
-    stats = TruncationStats()
-    train_examples = tokenize_examples(tokenizer, train_rows, ["chosen", "rejected"], args.max_length, args.max_prompt_length, stats, f"{args.dataset} [{args.train_split}]")
-    eval_examples = tokenize_examples(tokenizer, eval_rows, ["chosen", "rejected"], args.max_length, args.max_prompt_length, stats, f"{args.dataset} [{args.eval_split}]")
-    print0(f"tokenized {stats.summary(args.max_length, args.max_prompt_length)}")
+    fields, lengths = ["chosen", "rejected"], (args.max_length, args.max_prompt_length)
+    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split}]"
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
-        raise SystemExit(f"{args.dataset} [{args.train_split}] has {len(train_examples)} rows, fewer than one global batch of {global_batch_size}")
+        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
     total_steps = batches_per_epoch * args.num_epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     leftover = len(train_examples) - batches_per_epoch * global_batch_size
     print0(
         f"{len(train_examples)} training pairs, {batches_per_epoch} steps per epoch, {total_steps} steps"
-        + (f"; each epoch's last {leftover} pairs (a new random draw every epoch) wait for the next epoch" if leftover else "")
+        + (f"; each epoch's last {leftover} pairs (drawn anew every epoch) wait for the next epoch" if leftover else "")
     )
 
     # ------------------------------------------------------------------ models
-    # the policy: gradient checkpointing, LoRA adapters (--lora-r), then FSDP2 shards (--fsdp) or
-    # DDP over the processes. A resumed run starts from the checkpoint's policy (with LoRA: the
-    # base model and the checkpoint's adapter) and reference
-    saved = os.path.join(checkpoint, "policy") if checkpoint else None
-    policy = load_model(saved if saved and args.lora_r == 0 else args.model_name, device)
-    pack_sequences = args.pack_sequences and packing_works(policy, device)  # --pack-sequences, if the model keeps packed sequences apart
-    policy = prepare_policy(policy, device, world_size, args.fsdp, bf16, gradient_checkpointing, args.lora_r, args.lora_alpha, args.lora_target_modules, lora_from=saved if args.lora_r else None)
-    # the reference moves towards the policy every tau steps, so it is a copy of its own even
-    # with LoRA (copy=True: not the policy with its adapter off), sharded like the policy
-    reference = prepare_reference(policy, os.path.join(checkpoint, "reference") if checkpoint else args.model_name, device, world_size, args.fsdp, bf16, copy=True)
+    policy = load_model(args.model_name, device).train()  # (from_pretrained's eval mode skips gradient checkpointing)
+    reference = load_model(args.model_name, device).eval()  # it moves towards the policy: a copy, even with LoRA
+    if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear" if args.lora_target_modules == ("all-linear",) else list(args.lora_target_modules)
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+        policy = get_peft_model(policy, config)  # B = 0: starts exactly as the base model; only B and A train
+    if args.fsdp and world_size > 1:
+        # FSDP2: each decoder layer (the classes a transformers model names in _no_split_modules), then the
+        # rest, is split into world_size shards; a layer is gathered only while it runs, and each process
+        # keeps and updates one shard of every weight, gradient and AdamW state
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for model in [m for m in (policy, reference) if m is not None]:
+            for layer in [m for m in model.modules() if type(m).__name__ in model._no_split_modules]:
+                fully_shard(layer, mp_policy=mp_policy, reshard_after_forward=True)
+            fully_shard(model, mp_policy=mp_policy, reshard_after_forward=True)
+    elif world_size > 1:  # DDP: every process holds the whole policy, and backward averages the gradients
+        policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    model = policy.module if isinstance(policy, DDP) else policy  # the policy without DDP's wrapper
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup_steps = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
 
     def make_batch(examples):
-        """The batch of `examples` on the device: padded, or packed (--pack-sequences)."""
+        """The padded batch of `examples` on the device (2B rows: chosen, then rejected)."""
         batch = collate_pairs(examples, tokenizer.pad_token_id)
-        return {k: v.to(device) for k, v in (pack_batch(batch, args.max_length) if pack_sequences else batch).items()}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def reference_pairs(batch):
+        """The reference's log-probs (B,) of chosen and rejected."""
+        return forward_pairs(reference, batch, args.loss_type)
 
     def evaluate():
-        """Loss and reward accuracy on the held-out pairs (split over ranks, summed)."""
-        policy.eval()
-        totals = [0.0, 0.0, 0.0, 0.0]  # loss, accuracy, margin, count
-        with torch.no_grad(), unsharded(policy, reference), autocast_context(device, bf16):  # ranks may run different numbers of batches
-            for i in range(rank * args.per_device_batch_size, len(eval_examples), world_size * args.per_device_batch_size):
-                indices = list(range(i, min(i + args.per_device_batch_size, len(eval_examples))))
-                batch = make_batch([eval_examples[j] for j in indices])
-                policy_chosen_logps, policy_rejected_logps, _ = forward_pairs(policy, batch, args.loss_type)
-                reference_chosen_logps, reference_rejected_logps, _ = forward_pairs(reference, batch, args.loss_type)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, args.beta, args.loss_type, args.label_smoothing)
-                margins = chosen_rewards - rejected_rewards
-                totals = [t + x for t, x in zip(totals, [losses.sum().item(), (margins > 0).sum().item(), margins.sum().item(), len(losses)])]
-        policy.train()
-        loss, accuracy, margin, count = all_reduce_sum(totals, device)
-        return {"eval/loss": loss / count, "eval/rewards/accuracies": accuracy / count, "eval/rewards/margins": margin / count}
+        """Held-out metrics, split over the ranks. Every rank runs as many batches (FSDP's forward is
+        collective): the last wrap around to the first examples, which are not counted."""
+        model.eval()
+        sums = {}  # named sums over this rank's held-out examples, then over the ranks
+        B = args.per_device_batch_size
+        with torch.no_grad(), autocast:
+            for b in range(math.ceil(len(eval_examples) / (world_size * B))):
+                indices = [(b * world_size + rank) * B + i for i in range(B)]
+                batch = make_batch([eval_examples[i % len(eval_examples)] for i in indices])
+                counted = torch.tensor([i < len(eval_examples) for i in indices], device=device)  # (B,)
+                policy_chosen_logps, policy_rejected_logps = forward_pairs(model, batch, args.loss_type)
+                reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    args.beta, args.loss_type, args.label_smoothing,
+                )
+                margins = (chosen_rewards - rejected_rewards)[counted]
+                for name, value in {
+                    "loss": losses[counted].sum(),
+                    "rewards/accuracies": (margins > 0).sum(),
+                    "rewards/margins": margins.sum(),
+                    "count": counted.sum(),
+                }.items():
+                    sums[name] = sums.get(name, 0) + value.double()
+        model.train()
+        names, sums = list(sums), torch.stack(list(sums.values()))
+        if world_size > 1:
+            dist.all_reduce(sums)
+        sums = dict(zip(names, sums.tolist()))
+        count = sums.pop("count")
+        return {f"eval/{name}": value / count for name, value in sums.items()}
 
     # ------------------------------------------------------------------ training
-    step, _ = load_checkpoint(checkpoint, policy, optimizer, scheduler, args, global_batch_size, device) if checkpoint else (0, {})
+    models = {"policy": policy, "reference": reference}  # what a checkpoint holds, with the optimizer, scheduler, RNG
+    step = 0
+    if args.resume_from:
+        step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
     metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc="tr_dpo")
+    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
     start_time = time.time()
 
     def save_state():
-        """Checkpoint the state after `step` optimizer steps (see common.save_checkpoint)."""
-        return save_checkpoint(args.output_dir, step, {"policy": policy, "reference": reference}, tokenizer, optimizer, scheduler, args, args.keep_checkpoints, device)
+        return save_checkpoint(args.output_dir, step, args.keep_checkpoints, tokenizer,
+                               models, optimizer, scheduler, args)
 
     for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
         step_start = time.time()
-        sums = torch.zeros(8, device=device)  # summed over this rank's pairs, then over ranks
+        sums = {}  # named sums over this rank's examples of the step, then over the ranks
         for micro_step in range(args.gradient_accumulation_steps):
             indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)
             batch = make_batch([train_examples[i] for i in indices])
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
-            with gradient_sync(policy, last_micro_step), autocast_context(device, bf16):
-                policy_chosen_logps, policy_rejected_logps, num_tokens = forward_pairs(policy, batch, args.loss_type)
-                with torch.no_grad():
-                    reference_chosen_logps, reference_rejected_logps, _ = forward_pairs(reference, batch, args.loss_type)
+            with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                policy_chosen_logps, policy_rejected_logps = forward_pairs(policy, batch, args.loss_type)
+                reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                     args.beta, args.loss_type, args.label_smoothing,
                 )
                 (losses.mean() / args.gradient_accumulation_steps).backward()
-            sums += torch.stack([
-                losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                (chosen_rewards > rejected_rewards).float().sum(),
-                policy_chosen_logps.detach().sum(), policy_rejected_logps.detach().sum(),
-                batch["attention_mask"].sum().float(), torch.tensor(float(len(losses)), device=device),
-            ])  # fmt: skip
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        loss, chosen, rejected, accuracy, logps_chosen, logps_rejected, tokens, count = all_reduce_sum(sums.tolist(), device)
-        stop_if_not_finite(step + 1, save_state, loss=loss, grad_norm=grad_norm.item())
+            for name, value in {
+                "loss": losses.detach().sum(),
+                "rewards/chosen": chosen_rewards.sum(),
+                "rewards/rejected": rejected_rewards.sum(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
+                "logps/chosen": policy_chosen_logps.detach().sum(),
+                "logps/rejected": policy_rejected_logps.detach().sum(),
+                "tokens": batch["attention_mask"].sum(),
+                "count": torch.tensor(len(losses)),
+            }.items():
+                sums[name] = sums.get(name, 0) + value.double().to(device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+        totals = torch.stack(list(sums.values()))
+        if world_size > 1:
+            dist.all_reduce(totals)
+        sums = dict(zip(sums, totals.tolist()))
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):  # all-reduced: every rank stops here
+            path = save_state()
+            raise SystemExit(
+                f"step {step + 1}: non-finite loss ({sums['loss'] / sums['count']}) or grad_norm ({grad_norm}); "
+                f"stopped before updating the weights. The last good state (after step {step}) is saved in {path}. "
+                f"Lower --learning-rate or --max-grad-norm, check the data of this step, then --resume-from {path}"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         step_seconds = time.time() - step_start
 
-        metrics = {
-            "step": step,
-            "epoch": epoch,
-            "loss": loss / count,
-            "rewards/chosen": chosen / count,
-            "rewards/rejected": rejected / count,
-            "rewards/margins": (chosen - rejected) / count,
-            "rewards/accuracies": accuracy / count,
-            "logps/chosen": logps_chosen / count,
-            "logps/rejected": logps_rejected / count,
-            "learning_rate": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm.item(),
-            "tokens_per_second": tokens / step_seconds,
-            "time/step": step_seconds,
-        }
-        if step % args.ref_sync_steps == 0:  # TR-DPO: the reference moves towards the policy (arXiv 2404.09656)
-            metrics["ref/param_distance"] = update_reference(policy, reference, args.ref_mixup_alpha)
+        tokens, count = sums.pop("tokens"), sums.pop("count")
+        metrics = {"step": step, "epoch": epoch, **{name: value / count for name, value in sums.items()}}
+        metrics["learning_rate"], metrics["grad_norm"] = scheduler.get_last_lr()[0], grad_norm
+        metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
+        if step % args.ref_sync_steps == 0:  # TR-DPO: the reference moves towards the policy (2404.09656)
+            metrics["ref/param_distance"] = update_reference(model, reference, args.ref_mixup_alpha)
         if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())
         metrics_log.log(metrics)
@@ -380,33 +384,33 @@ if __name__ == "__main__":
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     progress.close()
     train_seconds = time.time() - start_time
+    # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_memory = torch.cuda.max_memory_allocated() if on_gpu else peak_rss
 
     # ------------------------------------------------------------------ evaluation
-    # against the starting policy, as in dpo.py: the moved reference is no longer the anchor
-    # (with LoRA the policy with its adapter off, otherwise reloaded from --model-name)
-    del reference
-    reference = prepare_reference(policy, args.model_name, device, world_size, args.fsdp, bf16)
-    results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory_mb(device)}
+    results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
     if args.eval_split:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
-        print0(f"held-out: loss {results['eval/loss']:.4f}, reward accuracy {results['eval/rewards/accuracies']:.3f}")
-    prompts = unique_prompts(eval_rows)[: args.sample_prompts]
-    if prompts and is_toy_prompts(prompts):
-        sample_args = (tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size, device, args.seed, bf16)
-        with unsharded(policy, reference):  # each rank samples its own share: the whole weights on every rank
-            results["starting_policy"] = sample_eval(reference, None, *sample_args)
-            results["trained_policy"] = sample_eval(policy, reference, *sample_args)
-        start, trained = results["starting_policy"], results["trained_policy"]
-        print0(
-            f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} (+-{start['reward_stderr']:.3f}) "
-            f"-> trained policy {trained['reward']:.3f} (+-{trained['reward_stderr']:.3f}), KL to reference {trained['kl']:.2f} nats"
-        )
+        print0("held-out:", ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items() if "eval/" in k and v is not None))
+
+    # ------------------------------------------------------------------ save
+    save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes
+    if args.lora_merge and master_process:  # the base model with the adapter merged in (load_model merges it)
+        load_model(args.output_dir, "cpu").save_pretrained(os.path.join(args.output_dir, "merged"))
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
+    print0(f"saved the trained policy{' (its LoRA adapter)' if args.lora_r else ''} to {args.output_dir}")
+
+    # ------------------------------------------------------------------ built-in task: sampled true reward and KL
+    if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency
+        from toy.evaluate import compare_policies
+
+        sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
+        sampling = (*sampling, args.seed, device, bf16)
+        results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
-
-    # ------------------------------------------------------------------ save
-    save_model(policy, tokenizer, args.output_dir, merged=args.lora_merge)  # every rank: under FSDP the shards are gathered; rank 0 writes
-    print0(f"saved the trained policy{' (its LoRA adapter)' if args.lora_r else ''} to {args.output_dir} ({train_seconds:.0f}s of training)")
-    cleanup_distributed()
+    if dist.is_initialized():
+        dist.destroy_process_group()

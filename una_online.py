@@ -5,7 +5,7 @@ implicit reward beta * [log pi(y|x) - log ref(y|x)] equals the explicit reward (
 function of x, set to 0). Online UNA samples y ~ pi(.|x) for a batch of prompts, scores the
 samples with an explicit reward, and regresses the normalized implicit reward onto it:
 
-    rho   = log pi(y|x) - log ref(y|x)          summed over the generated tokens only
+    rho     = log pi(y|x) - log ref(y|x)        summed over the generated tokens only
     s_theta = sigmoid(beta * rho)                                     (Eq. 8)
     s_phi   = normalized explicit reward in [0, 1]                    (Eq. 13)
     L = (s_theta - s_phi)^2, averaged over the samples                (Eq. 9, MSE)
@@ -33,61 +33,44 @@ Run:
     torchrun --nproc_per_node 8 una_online.py --model-name Qwen/Qwen2-1.5B-Instruct \\
         --dataset trl-lib/ultrafeedback-prompt --reward-model Ray2333/GRM-Gemma-2B-rewardmodel-ft \\
         --beta 0.03 --learning-rate 5e-6 --per-device-batch-size 8 --max-new-tokens 256 \\
-        --max-prompt-length 512 --sample-prompts 0 --eval-split ''
-    torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $ADDR --nproc_per_node 8 una_online.py \\
-        --model-name mistralai/Mistral-7B-v0.1 --fsdp --lora-r 32 --lora-alpha 64 ...   # 7B: README, "Real scale on GPUs"
+        --max-prompt-length 512 --eval-split ''
+    (a 7B model over several nodes with --fsdp and --lora-r: README, "Real scale on GPUs")
 
 Outputs in --output-dir: metrics.jsonl (one line per step), eval.json, args.json, and the
 trained policy in Hugging Face format (with --lora-r, its LoRA adapter).
 """
 
 import json
+import math
 import os
+import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (
-    TruncationStats,
     MetricsLog,
-    all_reduce_sum,
-    autocast_context,
-    cleanup_distributed,
     collate_completions,
     generate,
-    is_toy_prompts,
-    find_checkpoint,
-    gradient_sync,
     load_checkpoint,
     load_model,
-    load_reward_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
-    micro_batch,
-    pack_batch,
-    packing_works,
-    peak_memory_mb,
-    prepare_policy,
-    prepare_reference,
     print0,
-    reward_model_scores,
-    sample_eval,
-    save_args,
     save_checkpoint,
     save_model,
-    seed_everything,
     sequence_logps,
     setup_distributed,
-    stop_if_not_finite,
     tokenize_examples,
     training_batches,
-    unique_prompts,
-    unsharded,
 )
 
 
@@ -97,11 +80,11 @@ class Args:
     model_name: str = "toy/sft-policy"
     """hub id or local path of the starting policy (usually SFT); the frozen reference is a copy"""
     dataset: str = "toy/data/prompts"
-    """hub id, local folder, or .json/.jsonl/.parquet file of rows with a "prompt" column (other columns are ignored)"""
+    """hub id, local folder, or .json/.jsonl/.parquet file of rows with a "prompt" column (others are ignored)"""
     train_split: str = "train"
-    """split whose prompts are sampled for training"""
+    """split to train on"""
     eval_split: str = "test"
-    """held-out split whose prompts the built-in task's evaluation samples ('' to skip)"""
+    """held-out split for evaluation ('' to skip)"""
     output_dir: str = "runs/una_online"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
@@ -109,15 +92,15 @@ class Args:
 
     # --- algorithm ---
     beta: float = 3.0
-    """strength of the KL penalty to the reference: larger stays closer (s_theta = sigmoid(beta * rho), Eq. 8; the paper: 0.03)"""
+    """strength of the KL penalty to the reference: larger stays closer (the paper: 0.03)"""
     reward_model: str = ""
-    """hub id or local path of a sequence-classification reward model with one output ('': the built-in task's true reward)"""
+    """hub id or local path of a one-output sequence-classification reward model ('': the built-in task's reward)"""
     reward_range: Optional[Tuple[float, float]] = None
-    """LOW HIGH: normalize the raw score min-max to [0, 1] (clipped) instead of sigmoid (default: sigmoid for a reward model, 0 1 for the built-in reward)"""
+    """LOW HIGH: min-max the raw score to [0, 1], clipped (default: sigmoid for a reward model, 0 1 for the task's)"""
     missing_eos_penalty: float = 0.0
     """subtracted from the raw score of a sample that did not end with EOS (the authors' code uses 1.0)"""
     updates_per_batch: int = 1
-    """gradient steps on each batch of samples (1: on-policy)"""
+    """optimizer steps on each batch of samples (1: on-policy)"""
     temperature: float = 1.0
     """sampling temperature (1: sample from the policy itself, which the KL estimate assumes)"""
     top_p: float = 1.0
@@ -137,7 +120,7 @@ class Args:
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
-    """prompts sampled and trained on per forward pass on each process (a micro-batch), one completion each"""
+    """prompts sampled (one completion each) and trained on per forward pass on each process (a micro-batch)"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated per optimizer step"""
     num_epochs: int = 6
@@ -146,22 +129,22 @@ class Args:
     """cap on optimizer steps (0: no cap, run num_epochs)"""
     max_prompt_length: int = 32
     """longest prompt in tokens; longer prompts keep their last tokens"""
-    max_new_tokens: int = 32
-    """longest sampled completion, in training and evaluation; one that has not ended by then has no EOS"""
 
     # --- evaluation ---
     eval_every: int = 0
-    """built-in task only: sample the held-out prompts every this many steps (0: only at the end)"""
+    """sample and score the held-out prompts every this many steps (0: only at the end)"""
     sample_prompts: int = 24
     """built-in task only: held-out prompts to sample completions for at the end (0 skips)"""
     samples_per_prompt: int = 32
     """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
+    max_new_tokens: int = 32
+    """longest sampled completion, in training and evaluation; one that has not ended by then has no EOS"""
     log_samples_every: int = 50
     """print a table of training prompts, sampled completions and rewards every this many steps (0: never)"""
 
     # --- checkpoints ---
     save_every: int = 0
-    """write a checkpoint (policy, optimizer, scheduler, RNG states, step) every this many optimizer steps (0: never)"""
+    """write a checkpoint every this many optimizer steps, a multiple of --updates-per-batch (0: never)"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
     resume_from: str = ""
@@ -173,17 +156,15 @@ class Args:
     gradient_checkpointing: Optional[bool] = None
     """recompute activations in the backward pass to save memory (default: on for GPU)"""
     fsdp: bool = False
-    """with several processes, shard the policy and the reference (weights, gradients, optimizer state) per decoder layer with FSDP2 instead of replicating them with DDP"""
+    """with several processes, shard the models per decoder layer (FSDP2) instead of replicating them (DDP)"""
     lora_r: int = 0
     """rank of LoRA adapters (peft) trained instead of the full weights (0: full fine-tuning)"""
     lora_alpha: float = 16.0
     """LoRA scale: an adapted layer computes W x + (alpha / r) B A x"""
     lora_target_modules: Tuple[str, ...] = ("all-linear",)
-    """the linear layers LoRA adapts, by name (e.g. q_proj v_proj), or all-linear: every linear layer but the output head"""
+    """the linear layers LoRA adapts, by name (e.g. q_proj v_proj), or all-linear (all but the output head)"""
     lora_merge: bool = False
-    """with LoRA, also save the policy with its adapter merged in, to <output_dir>/merged (loads with AutoModelForCausalLM.from_pretrained)"""
-    pack_sequences: bool = False
-    """put the sequences of a micro-batch end to end in fewer rows instead of padding each to the longest (common.pack_batch): the same losses up to float rounding, far less padding. Off by default: on CPU it takes about a fifth off a step on the built-in task, but with sdpa on GPU a packed row attends over its whole length under a block-diagonal mask, which can cost more than the padding it saves when the sequences are long. A model that cannot keep packed sequences apart is padded instead, with a note"""
+    """with LoRA, also save the policy with its adapter merged in, to <output_dir>/merged"""
 
 
 def una_online_loss(policy_logps, reference_logps, rewards, beta):
@@ -209,15 +190,58 @@ def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
     return ((scores - low) / (high - low)).clamp(0.0, 1.0)
 
 
+def load_reward_model(name, device):
+    """A sequence-classification reward model with one output, frozen in fp32, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
+        reward_tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"could not load --reward-model {name!r}: {e}")
+    if reward_model.config.num_labels != 1:
+        raise SystemExit(f"--reward-model {name!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
+    if reward_tokenizer.pad_token is None:
+        if reward_tokenizer.eos_token is None:
+            raise SystemExit(f"the tokenizer of --reward-model {name!r} has neither a pad nor an EOS token to pad with")
+        reward_tokenizer.pad_token = reward_tokenizer.eos_token
+    reward_tokenizer.padding_side = "right"  # position ids then count real tokens: a batch scores as each text alone
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
+    return reward_model.to(device).eval().requires_grad_(False), reward_tokenizer
+
+
+def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
+    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
+    becomes one user message) and the completion as the assistant's reply; without one, the
+    prompt and completion as the policy saw them, decoded without special tokens."""
+    if getattr(reward_tokenizer, "chat_template", None) is None:
+        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
+    texts = []
+    for prompt, c in zip(prompts, completion_ids):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
+        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
+    return texts
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, reward_tokenizer, texts):
+    """Raw scores (B,) of a reward model for a batch of reward_model_texts."""
+    add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them
+    inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    return reward_model(**inputs.to(reward_model.device)).logits[:, 0].float()  # (B,)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
 
     # ------------------------------------------------------------------ setup
     rank, world_size, device = setup_distributed()
     master_process = rank == 0
-    seed_everything(args.seed)  # the same on every rank: same data order, same start
-    bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
-    gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
+    torch.manual_seed(args.seed)  # the same on every rank: same data order, same start
+    on_gpu = device.type == "cuda"
+    bf16 = args.bf16 if args.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
+    gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else on_gpu
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
@@ -225,26 +249,33 @@ if __name__ == "__main__":
         raise SystemExit(f"--reward-range LOW HIGH needs LOW < HIGH, got {args.reward_range}")
     if args.updates_per_batch < 1:
         raise SystemExit(f"--updates-per-batch must be at least 1, got {args.updates_per_batch}")
-    reward_range = args.reward_range or (None if args.reward_model else (0.0, 1.0))  # the built-in reward is already in [0, 1]
     if args.save_every % args.updates_per_batch:
-        raise SystemExit(f"--save-every ({args.save_every}) must be a multiple of --updates-per-batch ({args.updates_per_batch}): a checkpoint is taken when a batch of samples is used up")
-    checkpoint = find_checkpoint(args.resume_from) if args.resume_from else None
+        raise SystemExit(
+            f"--save-every ({args.save_every}) must be a multiple of --updates-per-batch ({args.updates_per_batch}): "
+            "a checkpoint is taken when a batch of samples is used up"
+        )
+    if not args.reward_model and not args.dataset.startswith("toy/"):
+        raise SystemExit(f"--dataset {args.dataset} is not the built-in task, whose true reward is the default: "
+                         "give a --reward-model")
+    reward_range = args.reward_range or (None if args.reward_model else (0.0, 1.0))  # the true reward is in [0, 1]
     if master_process:
-        save_args(args, args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} prompts")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
     train_rows = load_rows(args.dataset, args.train_split, "prompts")
     eval_rows = load_rows(args.dataset, args.eval_split, "prompts") if args.eval_split else []
-    if not args.reward_model and not is_toy_prompts([r["prompt"] for r in train_rows]):
-        raise SystemExit(f"{args.dataset} [{args.train_split}] is not the built-in task: give a reward model with --reward-model")
-    stats = TruncationStats()
-    train_examples = tokenize_examples(tokenizer, train_rows, [], args.max_prompt_length + args.max_new_tokens, args.max_prompt_length, stats, f"{args.dataset} [{args.train_split}]")
-    print0(f"tokenized {stats.summary(args.max_prompt_length + args.max_new_tokens, args.max_prompt_length)}")
+    fields, lengths = [], (args.max_prompt_length + args.max_new_tokens, args.max_prompt_length)
+    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split}]"
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
-        raise SystemExit(f"{args.dataset} [{args.train_split}] has {len(train_examples)} rows, fewer than one global batch of {global_batch_size}")
+        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
     total_steps = batches_per_epoch * args.num_epochs * args.updates_per_batch
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
@@ -252,19 +283,39 @@ if __name__ == "__main__":
     print0(
         f"{len(train_examples)} training prompts, {batches_per_epoch} batches of samples per epoch, "
         f"{args.updates_per_batch} step(s) per batch, {total_steps} steps"
-        + (f"; each epoch's last {leftover} prompts (a new random draw every epoch) wait for the next epoch" if leftover else "")
+        + (f"; each epoch's last {leftover} prompts (drawn anew every epoch) wait for the next" if leftover else "")
     )
 
     # ------------------------------------------------------------------ models
-    # the policy: gradient checkpointing, LoRA adapters (--lora-r), then FSDP2 shards (--fsdp) or
-    # DDP over the processes. A resumed run starts from the checkpoint's policy (with LoRA: the
-    # base model and the checkpoint's adapter)
-    saved = os.path.join(checkpoint, "policy") if checkpoint else None
-    policy = load_model(saved if saved and args.lora_r == 0 else args.model_name, device)
-    pack_sequences = args.pack_sequences and packing_works(policy, device)  # --pack-sequences, if the model keeps packed sequences apart
-    policy = prepare_policy(policy, device, world_size, args.fsdp, bf16, gradient_checkpointing, args.lora_r, args.lora_alpha, args.lora_target_modules, lora_from=saved if args.lora_r else None)
-    # the frozen reference: with LoRA the policy with its adapter off, otherwise a copy, sharded like the policy
-    reference = prepare_reference(policy, args.model_name, device, world_size, args.fsdp, bf16)
+    # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
+    # itself with its adapter switched off (peft's disable_adapter), which is the base model
+    policy = load_model(args.model_name, device).train()  # (from_pretrained's eval mode skips gradient checkpointing)
+    reference = None if args.lora_r > 0 else load_model(args.model_name, device).eval()
+    if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear" if args.lora_target_modules == ("all-linear",) else list(args.lora_target_modules)
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+        policy = get_peft_model(policy, config)  # B = 0: starts exactly as the base model; only B and A train
+    if args.fsdp and world_size > 1:
+        # FSDP2: each decoder layer (the classes a transformers model names in _no_split_modules), then the
+        # rest, is split into world_size shards; a layer is gathered only while it runs, and each process
+        # keeps and updates one shard of every weight, gradient and AdamW state. With LoRA, the model inside
+        # peft's wrapper is the one sharded: peft's generate() calls it directly, past the wrapper's forward.
+        # transformers' generate() sees a sharded model and keeps every rank stepping until all are done
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for model in [m for m in (policy, reference) if m is not None]:
+            model = model.get_base_model() if args.lora_r > 0 else model
+            for layer in [m for m in model.modules() if type(m).__name__ in model._no_split_modules]:
+                fully_shard(layer, mp_policy=mp_policy, reshard_after_forward=True)
+            fully_shard(model, mp_policy=mp_policy, reshard_after_forward=True)
+    elif world_size > 1:  # DDP: every process holds the whole policy, and backward averages the gradients
+        policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    model = policy.module if isinstance(policy, DDP) else policy  # the policy without DDP's wrapper
     if args.reward_model:  # whole on every rank: it only scores
         reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -272,36 +323,43 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
 
     def make_batch(examples):
-        """The batch of `examples` on the device: padded, or packed (--pack-sequences)."""
+        """The padded batch of `examples` (prompt and sampled completion ids) on the device: labels on the
+        completion tokens only, up to and including EOS."""
         batch = collate_completions(examples, tokenizer.pad_token_id)
-        return {k: v.to(device) for k, v in (pack_batch(batch, args.max_prompt_length + args.max_new_tokens) if pack_sequences else batch).items()}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def reference_samples(batch):
+        """The reference's log-probs (B,) of the sampled completions."""
+        with model.disable_adapter() if args.lora_r > 0 else nullcontext():
+            return sequence_logps(model if reference is None else reference, **batch)[0]
 
     @torch.no_grad()
     def sample_and_score(examples, prompts):
-        """Sample one completion per prompt from the current policy, score it, and take the
-        reference's log-probs. Returns a dict of the batch tensors, raw scores, s_phi, the
-        reference log-probs, and the seconds spent generating and scoring."""
+        """Sample one completion per prompt from the current policy, score it, and take the reference's
+        log-probs. Returns the batch, raw scores, s_phi, reference log-probs and seconds spent."""
         generate_start = time.time()
-        policy.eval()  # no dropout, and the KV cache works with gradient checkpointing
         prompt_ids = [e["prompt_ids"] for e in examples]
-        # under FSDP, gathered for the whole of generate: ranks stop generating at different lengths
-        with unsharded(policy), autocast_context(device, bf16):
-            completion_ids, ended = generate(policy, tokenizer, prompt_ids, args.max_new_tokens, device, args.temperature, args.top_p)  # cut after EOS
-        policy.train()
+        model.eval()  # no dropout, and the KV cache works with gradient checkpointing
+        with autocast:  # under FSDP, a rank whose samples all ended keeps stepping with the others (synced_gpus)
+            completion_ids, ended = generate(model, tokenizer, prompt_ids, args.max_new_tokens, device,
+                                             args.temperature, args.top_p)  # each cut after its EOS
+        model.train()
         score_start = time.time()
-        ended = torch.tensor(ended, device=device)  # (B,)
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
         if args.reward_model:
-            scores = reward_model_scores(reward_model, reward_tokenizer, tokenizer, prompts, prompt_ids, completion_ids, device, bf16)  # (B,)
-        else:
+            texts = reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids)
+            with autocast:
+                scores = reward_model_scores(reward_model, reward_tokenizer, texts)  # (B,)
+        else:  # the built-in task's true reward (toy/ is imported only for its own data); 0 without EOS
             from toy.task import reward
 
-            scores = torch.tensor([reward(p, c) if e else 0.0 for p, c, e in zip(prompts, completions, ended.tolist())], device=device)  # (B,)
-        # labels are the completion tokens up to and including EOS; prompt and padding are masked
-        # (generation is left-padded; the training batch is padded on the right, or packed)
+            scores = torch.tensor([reward(p, c) if e else 0.0 for p, c, e in zip(prompts, completions, ended)])
+        scores, ended = scores.to(device), torch.tensor(ended, device=device)  # (B,), (B,)
+        # generation is left-padded; the training batch is padded on the right
         batch = make_batch([{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompt_ids, completion_ids)])
-        with autocast_context(device, bf16):
-            reference_logps, _ = sequence_logps(reference, **batch)  # (B,)
+        with autocast:
+            reference_logps = reference_samples(batch)  # (B,)
         return {
             "batch": batch,
             "scores": scores,
@@ -313,107 +371,152 @@ if __name__ == "__main__":
             "seconds": (score_start - generate_start, time.time() - score_start),
         }
 
-    eval_prompts = unique_prompts(eval_rows)[: args.sample_prompts]
-    eval_prompts = eval_prompts if eval_prompts and is_toy_prompts(eval_prompts) else []
-    sample_args = (tokenizer, eval_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size, device, args.seed, bf16)
+    def evaluate():
+        """Mean score and KL of one sample per held-out row, split over the ranks, with the same seed each time.
+        Every rank samples as many batches (FSDP's forward is collective): the last wrap around, not counted."""
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # score, KL, count
+        B = args.per_device_batch_size
+        with torch.random.fork_rng(devices=[device] if on_gpu else []):  # the training samples' stream goes on
+            torch.manual_seed(args.seed + rank)
+            for b in range(math.ceil(len(eval_examples) / (world_size * B))):
+                indices = [(b * world_size + rank) * B + i for i in range(B)]
+                examples = [eval_examples[i % len(eval_examples)] for i in indices]
+                sample = sample_and_score(examples, [eval_rows[i % len(eval_rows)]["prompt"] for i in indices])
+                counted = torch.tensor([i < len(eval_examples) for i in indices], device=device)  # (B,)
+                model.eval()
+                with torch.no_grad(), autocast:
+                    policy_logps, _ = sequence_logps(model, **sample["batch"])  # (B,)
+                model.train()
+                kls = policy_logps - sample["reference_logps"]  # (B,) rho: its mean estimates KL(pi || ref)
+                sums += torch.stack([sample["scores"][counted].sum(), kls[counted].sum(), counted.sum()])  # (3,)
+        if world_size > 1:
+            dist.all_reduce(sums)
+        score, kl, count = sums.tolist()
+        return {"eval/reward": score / count, "eval/kl": kl / count}
 
     # ------------------------------------------------------------------ training
     torch.manual_seed(args.seed + rank)  # sampling differs on every rank
-    step, _ = load_checkpoint(checkpoint, policy, optimizer, scheduler, args, global_batch_size, device) if checkpoint else (0, {})
+    models = {"policy": policy}  # what a checkpoint holds, with the optimizer, scheduler and RNG states
+    step = 0
+    if args.resume_from:
+        step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
     metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
     progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc="una_online")
     start_time = time.time()
 
     def save_state():
-        """Checkpoint the state after `step` optimizer steps (see common.save_checkpoint)."""
-        return save_checkpoint(args.output_dir, step, {"policy": policy}, tokenizer, optimizer, scheduler, args, args.keep_checkpoints, device)
+        return save_checkpoint(args.output_dir, step, args.keep_checkpoints, tokenizer,
+                               models, optimizer, scheduler, args)
 
-    num_batches = -(-total_steps // args.updates_per_batch)  # batches of samples (--max-steps may cut the last one's updates short)
-    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step // args.updates_per_batch, num_batches):
-        samples = []  # this rank's micro-batches of scored samples
-        for micro_step in range(args.gradient_accumulation_steps):
-            indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)
-            samples.append(sample_and_score([train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices]))
-        generate_seconds = sum(s["seconds"][0] for s in samples)
-        score_seconds = sum(s["seconds"][1] for s in samples)
-        for update in range(args.updates_per_batch):
-            if step >= total_steps:
-                break
-            train_start = time.time()
-            sums = torch.zeros(10, device=device)  # summed over this rank's samples, then over ranks
-            for micro_step, sample in enumerate(samples):
-                batch = sample["batch"]
-                last_micro_step = micro_step == args.gradient_accumulation_steps - 1
-                with gradient_sync(policy, last_micro_step), autocast_context(device, bf16):
-                    policy_logps, num_tokens = sequence_logps(policy, **batch)  # (B,), (B,)
-                    losses, implicit_scores, logratios = una_online_loss(policy_logps, sample["reference_logps"], sample["rewards"], args.beta)
-                    (losses.mean() / args.gradient_accumulation_steps).backward()
-                sums += torch.stack([
-                    losses.detach().sum(), sample["scores"].sum(), (sample["scores"] ** 2).sum(), sample["rewards"].sum(),
-                    implicit_scores.sum(), logratios.sum(), num_tokens.sum().float(), sample["ended"].float().sum(),
-                    policy_logps.detach().sum(), torch.tensor(float(len(losses)), device=device),
-                ])  # fmt: skip
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            loss, score, score_sq, rewards, implicit, rho, tokens, ended, logps, count = all_reduce_sum(sums.tolist(), device)
-            stop_if_not_finite(step + 1, save_state, loss=loss, grad_norm=grad_norm.item())
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            update_seconds = time.time() - train_start
-            sample_seconds = generate_seconds + score_seconds if update == 0 else 0.0  # the samples are drawn once per batch
+    num_batches = math.ceil(total_steps / args.updates_per_batch)  # batches of samples (--max-steps may cut one)
+    batches = training_batches(len(train_examples), global_batch_size, args.seed, step // args.updates_per_batch,
+                               num_batches)
+    samples = []  # this rank's micro-batches of scored samples, trained on for --updates-per-batch steps
+    while step < total_steps:
+        step_start = time.time()
+        new_samples = not samples or step % args.updates_per_batch == 0
+        if new_samples:
+            epoch, batch_indices = next(batches)
+            B = args.per_device_batch_size
+            samples = []
+            for micro_step in range(args.gradient_accumulation_steps):
+                indices = batch_indices[(micro_step * world_size + rank) * B :][:B]  # common.micro_batch's layout
+                examples, prompts = [train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices]
+                samples.append(sample_and_score(examples, prompts))
+        train_start = time.time()
+        sums = {}  # named sums over this rank's samples of the step, then over the ranks
+        for micro_step, sample in enumerate(samples):
+            batch = sample["batch"]
+            last_micro_step = micro_step == args.gradient_accumulation_steps - 1
+            with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                policy_logps, num_tokens = sequence_logps(policy, **batch)  # (B,), (B,)
+                losses, implicit_scores, logratios = una_online_loss(
+                    policy_logps, sample["reference_logps"], sample["rewards"], args.beta
+                )
+                (losses.mean() / args.gradient_accumulation_steps).backward()
+            for name, value in {
+                "loss": losses.detach().sum(),
+                "reward/mean": sample["scores"].sum(),  # the raw score, before the penalty and normalization
+                "reward/squared": (sample["scores"] ** 2).sum(),
+                "s_phi": sample["rewards"].sum(),
+                "s_theta": implicit_scores.sum(),
+                "kl": logratios.sum(),  # mean rho: KL(pi || ref) estimate, exact on-policy at temperature 1
+                "logps": policy_logps.detach().sum(),
+                "completion_length": num_tokens.sum(),
+                "ended_with_eos": sample["ended"].sum(),
+                "tokens": batch["attention_mask"].sum(),
+                "count": torch.tensor(len(losses)),
+            }.items():
+                sums[name] = sums.get(name, 0) + value.double().to(device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+        totals = torch.stack(list(sums.values()))
+        if world_size > 1:
+            dist.all_reduce(totals)
+        sums = dict(zip(sums, totals.tolist()))
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):  # all-reduced: every rank stops here
+            path = save_state()
+            raise SystemExit(
+                f"step {step + 1}: non-finite loss ({sums['loss'] / sums['count']}) or grad_norm ({grad_norm}); "
+                f"stopped before updating the weights. The last good state (after step {step}) is saved in {path}. "
+                f"Lower --learning-rate or --max-grad-norm, check the data of this step, then --resume-from {path}"
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_seconds = time.time() - step_start
 
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": loss / count,
-                "reward/mean": score / count,  # the raw score, before the penalty and normalization
-                "reward/std": max(0.0, score_sq / count - (score / count) ** 2) ** 0.5,
-                "s_phi": rewards / count,
-                "s_theta": implicit / count,
-                "kl": rho / count,  # mean rho of the samples: KL(pi || ref) estimate, exact in expectation when on-policy at temperature 1
-                "logps": logps / count,
-                "completion_length": tokens / count,
-                "ended_with_eos": ended / count,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
-                "time/generate": generate_seconds if update == 0 else 0.0,  # this rank's seconds spent in this step
-                "time/score": score_seconds if update == 0 else 0.0,  # reward and reference log-probs
-                "time/train": update_seconds,
-                "time/step": sample_seconds + update_seconds,
-            }
-            if eval_prompts and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), unsharded(policy, reference):  # leave the training samples' randomness alone
-                    result = sample_eval(policy, reference, *sample_args)
-                metrics.update({"eval/reward": result["reward"], "eval/kl": result["kl"]})
-            if master_process and args.log_samples_every > 0 and (step == 1 or step % args.log_samples_every == 0):
-                sample = samples[0]  # the first micro-batch of rank 0, which this step trained on
-                table = zip(sample["scores"].tolist(), sample["prompts"], sample["completions"])
-                tqdm.write(f"step {step}, samples (reward | prompt | completion):\n" + "\n".join(f"  {s:6.3f} | {str(p)[-40:]} | {c[:80]}" for s, p, c in list(table)[:6]))
-            metrics_log.log(metrics)
-            if args.save_every > 0 and step % args.save_every == 0:
-                save_state()
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.2f}")
+        tokens, count, squared = sums.pop("tokens"), sums.pop("count"), sums.pop("reward/squared")
+        metrics = {"step": step, "epoch": epoch, **{name: value / count for name, value in sums.items()}}
+        metrics["reward/std"] = max(0.0, squared / count - metrics["reward/mean"] ** 2) ** 0.5
+        metrics["learning_rate"], metrics["grad_norm"] = scheduler.get_last_lr()[0], grad_norm
+        metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
+        # this rank's seconds: sampling (the first step of a batch only), scoring with the reference, training
+        metrics["time/generate"] = sum(s["seconds"][0] for s in samples) if new_samples else 0.0
+        metrics["time/score"] = sum(s["seconds"][1] for s in samples) if new_samples else 0.0
+        metrics["time/train"] = time.time() - train_start
+        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+            metrics.update(evaluate())
+        if master_process and args.log_samples_every > 0 and (step == 1 or step % args.log_samples_every == 0):
+            sample = samples[0]  # the first micro-batch of rank 0, which this step trained on
+            table = list(zip(sample["scores"].tolist(), sample["prompts"], sample["completions"]))[:6]
+            tqdm.write(f"step {step}, samples (reward | prompt | completion):\n"
+                       + "\n".join(f"  {s:6.3f} | {str(p)[-40:]} | {c[:80]}" for s, p, c in table))
+        metrics_log.log(metrics)
+        if args.save_every > 0 and step % args.save_every == 0:
+            save_state()
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward/mean']:.3f}",
+                             kl=f"{metrics['kl']:.2f}")
     progress.close()
     train_seconds = time.time() - start_time
+    # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_memory = torch.cuda.max_memory_allocated() if on_gpu else peak_rss
 
     # ------------------------------------------------------------------ evaluation
-    results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory_mb(device)}
-    if eval_prompts:
-        with unsharded(policy, reference):  # each rank samples its own share: the whole weights on every rank
-            results["starting_policy"] = sample_eval(reference, None, *sample_args)
-            results["trained_policy"] = sample_eval(policy, reference, *sample_args)
-        start, trained = results["starting_policy"], results["trained_policy"]
-        print0(
-            f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} (+-{start['reward_stderr']:.3f}) "
-            f"-> trained policy {trained['reward']:.3f} (+-{trained['reward_stderr']:.3f}), KL to reference {trained['kl']:.2f} nats"
-        )
+    results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
+    if args.eval_split:
+        results.update(evaluate())
+        metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
+        print0(f"held-out: reward {results['eval/reward']:.3f}, KL {results['eval/kl']:.2f} (one sample per row)")
+
+    # ------------------------------------------------------------------ save
+    save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes
+    if args.lora_merge and master_process:  # the base model with the adapter merged in (load_model merges it)
+        load_model(args.output_dir, "cpu").save_pretrained(os.path.join(args.output_dir, "merged"))
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
+    print0(f"saved the trained policy{' (its LoRA adapter)' if args.lora_r else ''} to {args.output_dir}")
+
+    # ------------------------------------------------------------------ built-in task: sampled true reward and KL
+    if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency
+        from toy.evaluate import compare_policies
+
+        sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
+        sampling = (*sampling, args.seed, device, bf16)
+        results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
-
-    # ------------------------------------------------------------------ save
-    save_model(policy, tokenizer, args.output_dir, merged=args.lora_merge)  # every rank: under FSDP the shards are gathered; rank 0 writes
-    print0(f"saved the trained policy{' (its LoRA adapter)' if args.lora_r else ''} to {args.output_dir} ({train_seconds:.0f}s of training)")
-    cleanup_distributed()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -65,7 +65,7 @@ def test_wrong_types_name_row_field_and_fix(tmp_path, kind, field, value, expect
 
 def test_score_out_of_range_says_how_to_normalize(tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "completion": "c", "score": s} for s in (0.5, 7.0)])
-    with pytest.raises(DataError, match=r"s\.jsonl \[train\], row 1: score 7\.0 is outside \[0\.0, 1\.0\]; pass --score-range LOW HIGH"):
+    with pytest.raises(SystemExit, match=r"s\.jsonl \[train\], row 1: score 7\.0 is outside \[0\.0, 1\.0\]; pass --score-range LOW HIGH"):
         load_feedback(path, "train", "score", None, 0)
     _, targets = load_feedback(path, "train", "score", (0.0, 10.0), 0)
     assert targets == [0.05, 0.7]
@@ -91,7 +91,7 @@ def test_fewer_rows_than_a_global_batch_stops_with_a_message(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "dpo.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert f"{path} [train] has 3 " in proc.stderr and "fewer than one global batch of 4" in proc.stderr
+    assert f"{path} [train]: 3 rows, less than a global batch of 4" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "tokenized 3 rows: 3 prompts cut to their last 3 tokens" in proc.stdout
     assert "warning: most prompts were cut, consider a larger --max-prompt-length than 3" in proc.stdout

@@ -48,7 +48,7 @@ def test_implicit_prompt_is_taken_from_the_shared_messages(tmp_path):
     # scripts that read any kind of rows for their prompts (kto.py, una_offline.py) get the same
     assert load_rows(str(tmp_path / "i.jsonl"), "train", "prompts")[0]["prompt"] == [user]
     same = {"chosen": row["chosen"], "rejected": row["chosen"]}
-    with pytest.raises(DataError, match=r"row 1: no 'prompt' column, and 'chosen'/'rejected' do not start with shared prompt messages"):
+    with pytest.raises(DataError, match=r"row 1: no 'prompt' column, and 'chosen'/'rejected' are not lists of messages that start with shared prompt messages"):
         load_rows(write_jsonl(tmp_path / "s.jsonl", [row, same]), "train", "pairwise")
 
 

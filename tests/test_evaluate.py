@@ -1,8 +1,9 @@
-"""evaluate.py: the win rate by hand, common.sample_records against a recomputation, a checkpoint
-equal to the reference (KL exactly 0, win rate 0.5), a reward model's scores, and sweep.py's
-commands (a dry run: the sweep itself is too slow for a test)."""
+"""evaluate.py: the win rate by hand, toy.evaluate.sample_records against a recomputation, a
+checkpoint equal to the reference (KL exactly 0, win rate 0.5), a reward model's batched scores
+against single texts, and tools/sweep.py's commands (a dry run: the sweep is too slow for a test)."""
 
 import copy
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import REPO, save_tiny_reward_model
 
@@ -33,9 +35,9 @@ def test_win_rate_by_hand():
 
 
 def test_sample_records_against_a_recomputation(tiny):
-    # every script's end-of-run evaluation and evaluate.py sample through common.sample_records:
+    # every script's end-of-run evaluation and evaluate.py sample through toy.evaluate.sample_records:
     # each sample's KL term is recomputed here one sequence at a time, without padding
-    from common import sample_records
+    from toy.evaluate import sample_records
     from toy.task import reward
 
     model, tokenizer = tiny
@@ -51,11 +53,12 @@ def test_sample_records_against_a_recomputation(tiny):
     for r in records:
         assert r["reward"] == (reward(r["prompt"], r["completion"]) if r["ended"] else 0.0)
         ids = tokenizer(r["prompt"])["input_ids"]
-        completion = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if r["ended"] else [])
+        completion = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * r["ended"]
         assert len(completion) == r["length"]
         full = torch.tensor([ids + completion])
         with torch.no_grad():
-            logp = [torch.log_softmax(m(input_ids=full).logits[0, len(ids) - 1 : -1].double(), -1).gather(-1, full[0, len(ids) :, None]).sum().item() for m in (policy, model)]
+            logits = [m(input_ids=full).logits[0, len(ids) - 1 : -1].double() for m in (policy, model)]
+            logp = [torch.log_softmax(x, -1).gather(-1, full[0, len(ids) :, None]).sum().item() for x in logits]
         assert r["kl"] == pytest.approx(logp[0] - logp[1], abs=1e-4)
     assert any(abs(r["kl"]) > 1e-3 for r in records)  # the perturbed policy differs from the reference
 
@@ -81,17 +84,39 @@ def test_the_reference_against_itself(tmp_path):
     assert sum(line.startswith("toy/sft-policy ") for line in out.splitlines()) == 2  # the reference row and the checkpoint row
 
 
-def test_a_reward_model_scores_prompts_outside_the_task(tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+@pytest.mark.parametrize("script", ["evaluate", "una_online"])  # each script holds its own copy
+def test_batched_reward_model_scores_equal_single_text_scores(tmp_path, script):
+    module = importlib.import_module(script)
+    tokenizer = save_tiny_reward_model(tmp_path / "rm")
+    reward_model, reward_tokenizer = module.load_reward_model(str(tmp_path / "rm"), torch.device("cpu"))
+    prompts = ["write a positive review of the pizza :", "negative review , movie :", "give the book a review :"]
+    completions = ["the pizza was great .", "i hated the movie . it was dull and boring .", "fun"]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+    texts = module.reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids)
+    assert texts == [p + " " + c for p, c in zip(prompts, completions)]  # no chat template: decoded, no special tokens
+    batched = module.reward_model_scores(reward_model, reward_tokenizer, texts)  # padded to the longest
+    assert batched.shape == (3,) and len(set(batched.tolist())) == 3
+    for text, score in zip(texts, batched.tolist()):
+        with torch.no_grad():
+            alone = reward_model(**reward_tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+        assert score == pytest.approx(alone, abs=1e-5)
+    # with a chat template, the prompt is a user message and the completion the assistant's reply
+    reward_tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    (text,) = module.reward_model_texts(tokenizer, reward_tokenizer, prompts[:1], prompt_ids[:1], completion_ids[:1])
+    assert text == f"user : {prompts[0]} assistant : {completions[0]} "
 
-    from common import reward_model_texts
+
+def test_a_reward_model_scores_prompts_outside_the_task(tmp_path):
+    from evaluate import reward_model_texts
 
     tokenizer = save_tiny_reward_model(tmp_path / "rm")
     reward_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the pizza was", "i enjoyed the movie ."]))
 
-    args = ["evaluate.py", "--dataset", str(prompts), "--split", "train", "--samples-per-prompt", "3", "--output", str(tmp_path / "eval.json")]
+    args = ["evaluate.py", "--dataset", str(prompts), "--split", "train", "--samples-per-prompt", "3",
+            "--output", str(tmp_path / "eval.json")]  # fmt: skip
     rc, out = run(args)
     assert rc != 0 and "pass a --reward-model" in out  # no true reward outside the built-in task
     rc, out = run(args + ["--reward-model", str(tmp_path / "rm"), "--checkpoints", "toy/sft-policy"])
@@ -103,7 +128,8 @@ def test_a_reward_model_scores_prompts_outside_the_task(tmp_path):
     reward_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
     for example in reference["examples"]:
         prompt_ids = tokenizer(example["prompt"])["input_ids"]
-        completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * example["ended"]
+        eos = [tokenizer.eos_token_id] * example["ended"]
+        completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
         (text,) = reward_model_texts(tokenizer, reward_tokenizer, [example["prompt"]], [prompt_ids], [completion_ids])
         with torch.no_grad():
             expected = reward_model(**reward_tokenizer(text, return_tensors="pt")).logits[0, 0].item()
@@ -112,14 +138,15 @@ def test_a_reward_model_scores_prompts_outside_the_task(tmp_path):
 
 
 def test_sweep_dry_run_lists_every_run_then_one_evaluation():
+    sys.path.insert(0, str(REPO / "tools"))
     from sweep import METHODS
 
-    rc, out = run(["sweep.py", "--dry-run", "--runs-dir", "/tmp/sweep-dry-run"])
+    rc, out = run(["tools/sweep.py", "--dry-run", "--runs-dir", "/tmp/sweep-dry-run"])
     assert rc == 0, out
     lines = out.strip().splitlines()
     assert len(lines) == sum(len(betas) for *_, betas in METHODS) + 1
     trains, evaluation = lines[:-1], lines[-1]
     assert all("--sample-prompts 0" in line and "--output-dir /tmp/sweep-dry-run/" in line for line in trains)
     assert len(set(line.split("--output-dir ")[1] for line in trains)) == len(trains)  # no two runs share a folder
-    assert evaluation.startswith("python evaluate.py --checkpoints /tmp/sweep-dry-run/")
+    assert "evaluate.py --checkpoints /tmp/sweep-dry-run/" in evaluation
     assert evaluation.count("/tmp/sweep-dry-run/") == len(trains) + 1  # every checkpoint, then --output

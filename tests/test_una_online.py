@@ -1,15 +1,18 @@
-"""una_online.py: the loss and the generated-token mask by hand, and short runs (built-in
-reward, a reward model, two processes)."""
+"""una_online.py: the loss and the generated-token mask by hand, reward normalization, and short
+runs (built-in reward with the held-out evaluation, a reward model, two processes)."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from common import IGNORE_INDEX, build_batch, generate, sequence_logps
-from conftest import run_script, save_tiny_reward_model
+from conftest import REPO, run_script, save_tiny_reward_model
 from una_online import normalize_rewards, una_online_loss
 
 V = 40  # vocabulary of the fake models
@@ -65,23 +68,30 @@ def test_loss_and_generated_token_mask_by_hand():
     sigmoid = lambda z: 1 / (1 + math.exp(-z))
     assert logratios.tolist() == pytest.approx(expected_rho, abs=1e-4)
     assert implicit_scores.tolist() == pytest.approx([sigmoid(beta * r) for r in expected_rho], abs=1e-5)
-    assert losses.tolist() == pytest.approx([(sigmoid(beta * r) - s) ** 2 for r, s in zip(expected_rho, [1.0, 0.0, 0.5])], abs=1e-5)
+    expected_losses = [(sigmoid(beta * r) - s) ** 2 for r, s in zip(expected_rho, [1.0, 0.0, 0.5])]
+    assert losses.tolist() == pytest.approx(expected_losses, abs=1e-5)
 
     # the gradient reaches the policy's log-probs only
     policy_logps = policy_logps.clone().requires_grad_(True)
     una_online_loss(policy_logps, reference_logps, rewards, beta)[0].sum().backward()
     s = [sigmoid(beta * r) for r in expected_rho]
     # d/d logp of (sigmoid(beta rho) - s_phi)^2 = 2 (s_theta - s_phi) s_theta (1 - s_theta) beta
-    assert policy_logps.grad.tolist() == pytest.approx([2 * (q - p) * q * (1 - q) * beta for q, p in zip(s, [1.0, 0.0, 0.5])], abs=1e-5)
+    expected_grad = [2 * (q - p) * q * (1 - q) * beta for q, p in zip(s, [1.0, 0.0, 0.5])]
+    assert policy_logps.grad.tolist() == pytest.approx(expected_grad, abs=1e-5)
 
 
 def test_normalization_sigmoid_range_and_missing_eos_penalty():
     scores, ended = torch.tensor([2.0, 2.0, -1.0, 7.0]), torch.tensor([True, False, True, True])
     sigmoid = lambda z: 1 / (1 + math.exp(-z))
     # the paper: sigmoid of the raw score; the authors' code: 1.0 off the score of a sample without EOS
-    assert normalize_rewards(scores, ended, None, 1.0).tolist() == pytest.approx([sigmoid(2), sigmoid(1), sigmoid(-1), sigmoid(7)], abs=1e-6)
+    expected = [sigmoid(2), sigmoid(1), sigmoid(-1), sigmoid(7)]
+    assert normalize_rewards(scores, ended, None, 1.0).tolist() == pytest.approx(expected, abs=1e-6)
+    no_penalty = normalize_rewards(scores, ended, None, 0.0).tolist()
+    assert no_penalty == pytest.approx([sigmoid(2), sigmoid(2)] + expected[2:], abs=1e-6)
     # min-max to [0, 1], clipped
-    assert normalize_rewards(scores, ended, (-2.0, 6.0), 0.0).tolist() == pytest.approx([0.5, 0.5, 0.125, 1.0], abs=1e-6)
+    assert normalize_rewards(scores, ended, (-2.0, 6.0), 0.0).tolist() == pytest.approx([0.5, 0.5, 0.125, 1.0])
+    # the penalty comes before the range: 2 - 4 = -2 is the low end
+    assert normalize_rewards(scores, ended, (-2.0, 6.0), 4.0).tolist() == pytest.approx([0.5, 0.0, 0.125, 1.0])
 
 
 def test_sampled_completions_are_cut_after_eos_and_only_they_are_scored(tiny):
@@ -101,11 +111,12 @@ def test_short_run_with_the_builtin_reward(tmp_path):
     out = tmp_path / "una"
     records, log = run_script("una_online.py", [
         "--max-steps", "4", "--updates-per-batch", "2", "--per-device-batch-size", "8", "--log-samples-every", "2",
-        "--sample-prompts", "2", "--samples-per-prompt", "2", "--output-dir", str(out),
+        "--eval-every", "2", "--sample-prompts", "2", "--samples-per-prompt", "2", "--output-dir", str(out),
     ])  # fmt: skip
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    keys = ("loss", "reward/mean", "reward/std", "s_phi", "s_theta", "kl", "completion_length", "ended_with_eos", "time/generate", "time/score", "time/train")
-    assert all(math.isfinite(r[k]) for r in records for k in keys)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 4]  # the last line: the held-out evaluation
+    keys = ("loss", "reward/mean", "reward/std", "s_phi", "s_theta", "kl", "completion_length", "ended_with_eos",
+            "time/generate", "time/score", "time/train", "time/step")  # fmt: skip
+    assert all(math.isfinite(r[k]) for r in records[:4] for k in keys)
     first, second = records[0], records[1]
     # the policy starts equal to the reference: rho = 0, s_theta = 1/2, and the built-in reward is s_phi itself
     assert first["kl"] == pytest.approx(0, abs=1e-5) and first["s_theta"] == pytest.approx(0.5, abs=1e-6)
@@ -115,7 +126,10 @@ def test_short_run_with_the_builtin_reward(tmp_path):
     # the second update trains on the same samples without generating again
     assert second["reward/mean"] == first["reward/mean"] and second["time/generate"] == 0 and first["time/generate"] > 0
     assert second["s_theta"] != first["s_theta"]
+    # held-out samples, one per row of the test split, every 2 steps and at the end
+    assert 0 < second["eval/reward"] < 1 and math.isfinite(second["eval/kl"]) and "eval/reward" not in records[2]
     results = json.load(open(out / "eval.json"))
+    assert results["eval/reward"] == records[-1]["eval/reward"] and results["eval/kl"] == records[-1]["eval/kl"]
     assert results["trained_policy"]["num_samples"] == 4 and results["starting_policy"]["kl"] is None
     assert "step 2, samples (reward | prompt | completion)" in log
 
@@ -124,7 +138,7 @@ def test_short_run_with_a_reward_model_on_the_prompts_of_a_pairwise_dataset(tmp_
     save_tiny_reward_model(tmp_path / "rm")
     records, _ = run_script("una_online.py", [
         "--reward-model", str(tmp_path / "rm"), "--dataset", "toy/data/pairwise", "--missing-eos-penalty", "1.0",
-        "--max-steps", "2", "--per-device-batch-size", "8", "--sample-prompts", "0", "--output-dir", str(tmp_path / "una"),
+        "--max-steps", "2", "--per-device-batch-size", "8", "--eval-split", "", "--output-dir", str(tmp_path / "una"),
     ])  # fmt: skip
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
@@ -133,12 +147,26 @@ def test_short_run_with_a_reward_model_on_the_prompts_of_a_pairwise_dataset(tmp_
     assert records[0]["s_phi"] != pytest.approx(records[0]["reward/mean"], abs=1e-3)
 
 
+def test_data_outside_the_builtin_task_needs_a_reward_model(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(8)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "una_online.py", "--dataset", str(prompts), "--output-dir", str(tmp_path / "una")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "give a --reward-model" in proc.stderr
+
+
 def test_two_processes_match_one_process_with_greedy_samples(tmp_path):
     # --top-p 1e-6 keeps only the most likely token: the samples no longer depend on the
-    # per-rank seed, so 2 ranks x 4 prompts must train exactly like 1 rank x 8 prompts.
+    # per-rank seed, so 2 ranks x 4 prompts must train exactly like 1 rank x 8 prompts, and the
+    # held-out evaluation (96 rows: 12 batches of 8, or 12 of 4 on each of 2 ranks) must agree
     greedy = ["--top-p", "1e-6", "--max-steps", "3", "--sample-prompts", "0", "--learning-rate", "1e-4"]
-    one, _ = run_script("una_online.py", greedy + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
-    two, _ = run_script("una_online.py", greedy + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "two")], nproc=2)
+    one, _ = run_script("una_online.py", greedy + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "1")])
+    two, _ = run_script("una_online.py", greedy + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "2")],
+                        nproc=2)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 3]
     for key in ("loss", "reward/mean", "s_theta", "kl", "completion_length"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
-    assert one[-1]["kl"] != 0  # the policy moved
+        assert [r[key] for r in two[:3]] == pytest.approx([r[key] for r in one[:3]], abs=1e-5), key
+    for key in ("eval/reward", "eval/kl"):
+        assert two[-1][key] == pytest.approx(one[-1][key], abs=1e-5), key
+    assert one[2]["kl"] != 0  # the policy moved

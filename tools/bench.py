@@ -10,16 +10,15 @@ For each training script, bench.py measures
          policy, plus a no-grad reference forward where the method has one (KTO also scores
          its mismatched pairs with both models, no grad). No loss, optimizer, clipping or
          logging. una_online's bound covers training on its samples; generation is reported
-         apart (generation tokens/s and its share of the step). With --packed-bound the bound
-         is also timed on the packed form of the same batches (common.pack_batch). The same
-         process then times clipping + AdamW ("optim"), which every step adds to the bound.
+         apart (generation tokens/s and its share of the step). The same process then times
+         clipping + AdamW ("optim"), which every step adds to the bound.
          Each script step's token count (tokens_per_second x time/step) is checked against the
          bound's batches, so a bound that drifted from the script's data path is reported.
 and prints step/bound ratios (target: <= 1.10), tokens/s, peak memory, the padded-token
-fraction of the batches before and after packing (also on the built-in data), and on GPU the
-model FLOPs utilization: 6 N D for the policy's forward + backward and 2 N D for each no-grad
-forward, N the parameters (tied embeddings once), D the real (not padding) tokens, against
---peak-tflops (default: the detected GPU's dense bf16 or fp32 peak).
+fraction of the batches, and on GPU the model FLOPs utilization: 6 N D for the policy's
+forward + backward and 2 N D for each no-grad forward, N the parameters (tied embeddings
+once), D the real (not padding) tokens, against --peak-tflops (default: the detected GPU's
+dense bf16 or fp32 peak).
 
 The default model is a Llama of 15M parameters with random weights, built here: 8 layers of
 width 256 and a vocabulary of 32000 words (a word-level tokenizer over made-up words, so that
@@ -28,14 +27,16 @@ sizes. --model-name takes a local Hugging Face folder or hub id instead; the syn
 then its tokenizer's decoding of random ids. A variant ("SCRIPT --flag ...") runs a script with
 extra arguments. The scripts of --precompute-variants also run with --precompute-ref-logprobs
 (the bound has no reference forward; the report compares step time and peak memory with the
-live reference's), and those of --pack-variants with --pack-sequences (the bound is the packed
-bound; the report compares step time with the padded run's).
+live reference's).
+
+A maintainer's tool: it runs the training scripts of the repository root (this file is in
+tools/) as subprocesses, from any folder.
 
 Run:
-    python bench.py                                   # CPU: every script, small defaults, a few minutes
-    python bench.py --scripts dpo kto --steps 10 --batch-size 16 --seq-len 512    # a GPU
-    python bench.py --model-name Qwen/Qwen2-0.5B-Instruct --batch-size 8 --seq-len 1024 --json-out bench.json
-    python bench.py --variants "dpo --loss-type ipo" --scripts dpo
+    python tools/bench.py                             # CPU: every script, small defaults, a few minutes
+    python tools/bench.py --scripts dpo kto --steps 10 --batch-size 16 --seq-len 512    # a GPU
+    python tools/bench.py --model-name Qwen/Qwen2-0.5B-Instruct --batch-size 8 --seq-len 1024 --json-out bench.json
+    python tools/bench.py --variants "dpo --loss-type ipo" --scripts dpo
 
 Outputs: the tables on stdout; with --json-out, every measurement (each step's seconds too) as
 JSON. The runs' folders are kept in --work-dir. On a CPU that other jobs share, step times
@@ -52,7 +53,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional, Tuple
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # the scripts and common.py; this file is in tools/
+sys.path.insert(0, str(REPO))  # import common and the scripts (for their Args and data functions)
 SCRIPTS = ("sft", "dpo", "tr_dpo", "kto", "una_offline", "una_online")
 DATA_KIND = {"sft": "sft", "dpo": "pairwise", "tr_dpo": "pairwise", "kto": "binary", "una_offline": "score", "una_online": "prompts"}
 HAS_REFERENCE = {"sft": False, "dpo": True, "tr_dpo": True, "kto": True, "una_offline": True, "una_online": True}
@@ -73,12 +75,8 @@ class Args:
     """first optimizer steps of each run left out (allocation, lazy initialization)"""
     statistic: Literal["median", "min"] = "median"
     """summary of the timed steps: median, or min (steadier on a machine that others load)"""
-    packed_bound: bool = True
-    """also time the bound on the packed form of the same batches"""
     precompute_variants: Tuple[str, ...] = ("dpo", "kto", "una_offline")
     """scripts also run with --precompute-ref-logprobs (among --scripts)"""
-    pack_variants: Tuple[str, ...] = ("dpo",)
-    """scripts also run with --pack-sequences (among --scripts)"""
 
     # --- model ---
     model_name: str = ""
@@ -107,8 +105,8 @@ class Args:
     """GPU peak TFLOPS for MFU (0: the dense bf16 or fp32 peak of a known GPU, by its name)"""
 
     # --- output ---
-    work_dir: str = "runs/bench"
-    """where the model, the data and the runs are written"""
+    work_dir: str = os.path.relpath(REPO / "runs" / "bench")
+    """where the model, the data and the runs are written (default: the repository's runs/bench, gitignored)"""
     json_out: str = ""
     """write every measurement to this JSON file ('' to skip)"""
     seed: int = 1
@@ -210,6 +208,7 @@ def script_args(args, script, model, data, reward_model, output_dir):
 
 
 def child_env():
+    """A child runs from the repository root, with it on the path (common, toy, the scripts, tools.bench)."""
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
@@ -242,53 +241,50 @@ def step_batches(spec, tokenizer):
 
     import torch
 
-    from common import TruncationStats, build_batch, collate_completions, collate_pairs, epoch_batches, load_rows, tokenize_examples
+    from common import build_batch, collate_completions, collate_pairs, load_rows, tokenize_examples, training_batches
 
     script, B, pad, seed = spec["script"], spec["batch_size"], tokenizer.pad_token_id, spec["seed"]
     max_length, max_prompt_length, data = spec["seq_len"], spec["seq_len"] // 2, spec["dataset"]
-    kl_batches = lambda examples: []  # noqa: E731
+    kl_batches = lambda indices: []  # noqa: E731
     if script in ("dpo", "tr_dpo"):
-        examples = tokenize_examples(tokenizer, load_rows(data, "train", "pairwise"), ["chosen", "rejected"], max_length, max_prompt_length, TruncationStats())
+        examples = tokenize_examples(tokenizer, load_rows(data, "train", "pairwise"), ["chosen", "rejected"], max_length, max_prompt_length, False)
         collate = lambda e: collate_pairs(e, pad)  # noqa: E731
     elif script == "kto":
-        from kto import collate_mismatched, load_unpaired_rows
+        from kto import mismatched_pairs
 
-        examples = tokenize_examples(tokenizer, load_unpaired_rows(data, "train", seed), ["completion"], max_length, max_prompt_length, TruncationStats())
+        examples = tokenize_examples(tokenizer, load_rows(data, "train", "binary"), ["completion"], max_length, max_prompt_length, False)
         collate = lambda e: collate_completions(e, pad)  # noqa: E731
-        kl_batches = lambda e: [collate_mismatched(e, pad, max_length)]  # noqa: E731
+        kl_batches = lambda indices: [collate_completions(mismatched_pairs(examples, indices, max_length), pad)]  # noqa: E731
     elif script == "una_offline":
         from una_offline import load_feedback
 
         rows, _ = load_feedback(data, "train", "score", None, seed)
-        examples = tokenize_examples(tokenizer, rows, ["completion"], max_length, max_prompt_length, TruncationStats())
+        examples = tokenize_examples(tokenizer, rows, ["completion"], max_length, max_prompt_length, False)
         collate = lambda e: collate_completions(e, pad)  # noqa: E731
     elif script == "una_online":
         # the prompts of the script's batches; the samples' lengths as the script reports them
         # (a random model never samples EOS: every sample runs to --max-new-tokens)
-        examples = tokenize_examples(tokenizer, load_rows(data, "train", "prompts"), [], max_prompt_length + spec["max_new_tokens"], max_prompt_length, TruncationStats())
+        examples = tokenize_examples(tokenizer, load_rows(data, "train", "prompts"), [], max_prompt_length + spec["max_new_tokens"], max_prompt_length, False)
         rng = random.Random(seed)
         words = [i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
         lengths = iter(spec["completion_lengths"])
         collate = lambda e: build_batch([x["prompt_ids"] for x in e], [[rng.choice(words) for _ in range(next(lengths))] for _ in e], pad)  # noqa: E731
     else:  # sft
-        examples = tokenize_examples(tokenizer, load_rows(data, "train", "sft"), ["completion"], max_length, max_prompt_length, TruncationStats())
+        examples = tokenize_examples(tokenizer, load_rows(data, "train", "sft"), ["completion"], max_length, max_prompt_length, False)
         collate = lambda e: collate_completions(e, pad)  # noqa: E731
-    steps, per_epoch = [], len(examples) // B
-    for step in range(spec["num_steps"]):
-        epoch, b = divmod(step, per_epoch)
-        chosen = [examples[i] for i in epoch_batches(len(examples), B, seed, epoch)[b]]
-        steps.append((collate(chosen), kl_batches(chosen)))
+    steps = []
+    for _, batch_indices in training_batches(len(examples), B, seed, 0, spec["num_steps"]):  # the scripts' order
+        steps.append((collate([examples[i] for i in batch_indices]), kl_batches(batch_indices)))  # one process, one micro-batch
     torch.manual_seed(seed)
     return steps
 
 
 def child_bound(spec):
-    """Time the bound of one script on its batches, then the same on the packed batches, then
-    the optimizer (clipping + AdamW, outside the bound); write the results as JSON. The peak
-    memory is read before the packed pass and the optimizer, so it is the padded bound's."""
+    """Time the bound of one script on its batches, then the optimizer (clipping + AdamW, outside
+    the bound); write the results as JSON. The peak memory is read before the optimizer runs."""
     import torch
 
-    from common import LOGPS_INPUTS, autocast_context, load_model, load_tokenizer, pack_batch, padding_fraction, sequence_logps
+    from common import load_model, load_tokenizer, sequence_logps
 
     spec = json.loads(spec)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,7 +302,7 @@ def child_bound(spec):
             torch.cuda.synchronize()
 
     def logps(model, batch):
-        return sequence_logps(model, **{k: v.to(device) for k, v in batch.items() if k in LOGPS_INPUTS})[0]
+        return sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))[0]
 
     def time_steps(steps):
         seconds = []
@@ -314,7 +310,7 @@ def child_bound(spec):
             policy.zero_grad(set_to_none=True)
             sync()
             start = time.perf_counter()
-            with autocast_context(device, bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 with torch.no_grad():
                     for kl in kls:  # KTO's reference point: both models on the mismatched pairs
                         logps(policy, kl)
@@ -333,15 +329,11 @@ def child_bound(spec):
         "peak_memory_mb": peak_memory_mb(),
         "tokens": [int(batch["attention_mask"].sum()) for batch, _ in steps],
         "kl_tokens": [sum(int(kl["attention_mask"].sum()) for kl in kls) for _, kls in steps],
-        "padding_fraction": padding_fraction([batch for batch, _ in steps]),
+        "padding_fraction": 1 - sum(int(b["attention_mask"].sum()) for b, _ in steps) / sum(b["attention_mask"].numel() for b, _ in steps),
         "parameters": sum(p.numel() for p in policy.parameters()),
         "bf16": bf16,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     }
-    if spec["packed"]:
-        packed = [(pack_batch(batch, spec["seq_len"]), [pack_batch(kl, spec["seq_len"]) for kl in kls]) for batch, kls in steps]
-        result["packed_seconds"] = time_steps(packed)
-        result["packed_padding_fraction"] = padding_fraction([batch for batch, _ in packed])
     # what a step adds to the bound whatever the script: clipping and AdamW (the scripts' settings)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     result["optimizer_seconds"] = []
@@ -380,7 +372,7 @@ def measure(args, name, script, extra, model, data, reward_model, work):
     run_dir = work / "runs" / name.replace(" ", "_").replace("/", "_")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {"script": f"{script}.py", "args": script_args(args, script, model, data, reward_model, run_dir / "out") + extra, "memory_out": str(run_dir / "memory.json")}
-    ok, wall = run_child(f"import bench; bench.child_run_script({json.dumps(spec)!r})", run_dir / "step.log")
+    ok, wall = run_child(f"from tools import bench; bench.child_run_script({json.dumps(spec)!r})", run_dir / "step.log")
     row = {"name": name, "script": script, "args": spec["args"], "ok": ok, "wall_seconds": wall}
     if not ok:
         row["error"] = (run_dir / "step.log").read_text()[-2000:]
@@ -398,7 +390,6 @@ def measure(args, name, script, extra, model, data, reward_model, work):
         row["generation_tokens_per_second"] = sum(r["completion_length"] * args.batch_size for r in records) / sum(r["time/generate"] for r in records)
 
     no_reference = "--precompute-ref-logprobs" in extra
-    packed = "--pack-sequences" in extra
     bound_spec = {
         "script": script, "model": model, "dataset": str(Path(data, DATA_KIND[script])), "seed": args.seed, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "max_new_tokens": args.max_new_tokens or args.seq_len // 2, "num_steps": args.warmup_steps + args.steps,
@@ -408,12 +399,12 @@ def measure(args, name, script, extra, model, data, reward_model, work):
     if script == "una_online":  # the warm-up steps' samples come first
         bound_spec["completion_lengths"] = [bound_spec["completion_lengths"][0]] * args.warmup_steps * args.batch_size + bound_spec["completion_lengths"]
     out = run_dir / "bound.json"
-    ok, _ = run_child(f"import bench; bench.child_bound({json.dumps({**bound_spec, 'packed': args.packed_bound or packed, 'out': str(out)})!r})", run_dir / "bound.log")
+    ok, _ = run_child(f"from tools import bench; bench.child_bound({json.dumps({**bound_spec, 'out': str(out)})!r})", run_dir / "bound.log")
     if not ok:
         row.update(ok=False, error=(run_dir / "bound.log").read_text()[-2000:])
         return row
     row["bound"] = bound = json.load(open(out))
-    for key in ("seconds", "packed_seconds", "optimizer_seconds", "tokens", "kl_tokens"):
+    for key in ("seconds", "optimizer_seconds", "tokens", "kl_tokens"):
         if key in bound:
             bound[key] = bound[key][args.warmup_steps :]
     if step_seconds is None:
@@ -422,7 +413,7 @@ def measure(args, name, script, extra, model, data, reward_model, work):
     script_tokens = [r["tokens_per_second"] * r["time/step"] for r in records if "tokens_per_second" in r and "time/step" in r]
     row["same_batches"] = all(abs(a - b) < 0.5 for a, b in zip(script_tokens, bound["tokens"])) if script_tokens else None
     row["step_seconds"] = summary(step_seconds)
-    row["bound_seconds"] = summary(bound["packed_seconds" if packed else "seconds"])  # a packed run against the packed bound
+    row["bound_seconds"] = summary(bound["seconds"])
     row["ratio"] = row["step_seconds"] / row["bound_seconds"]
     tokens = statistics.mean(bound["tokens"])
     row["tokens_per_step"] = tokens
@@ -430,8 +421,6 @@ def measure(args, name, script, extra, model, data, reward_model, work):
     row["bound_tokens_per_second"] = tokens / row["bound_seconds"]
     row["optimizer_seconds"] = summary(bound["optimizer_seconds"])
     row["ratio_with_optimizer"] = row["step_seconds"] / (row["bound_seconds"] + row["optimizer_seconds"])
-    if args.packed_bound or packed:
-        row["packed_bound_seconds"] = summary(bound["packed_seconds"])
     if script == "una_online":
         row["generate_share"] = row["generate_seconds"] / row["step_seconds"]
         row["ratio_without_generation"] = (row["step_seconds"] - row["generate_seconds"]) / row["bound_seconds"]
@@ -459,46 +448,11 @@ def peak_flops(args, bound):
     return None
 
 
-def builtin_padding(num_online_batches=4):
-    """Padded-token fraction of each script's training batches on the built-in task, with its
-    defaults (data, batch size, --max-length 64), before and after packing: one epoch of the
-    offline data; for una_online, the first `num_online_batches` batches of samples of the
-    starting policy (its prompts and completions, as its training step sees them)."""
-    import torch
-
-    from common import (
-        TruncationStats, build_batch, collate_completions, collate_pairs, epoch_batches, generate, load_model, load_rows, load_tokenizer,
-        pack_batch, padding_fraction, tokenize_examples,
-    )  # fmt: skip
-
-    tokenizer = load_tokenizer("toy/sft-policy")
-    out = {}
-    for scripts, kind, fields_, collate, batch_size in (
-        ("sft", "sft", ["completion"], collate_completions, 64),
-        ("dpo, tr_dpo", "pairwise", ["chosen", "rejected"], collate_pairs, 32),
-        ("kto", "binary", ["completion"], collate_completions, 32),
-        ("una_offline", "score", ["completion"], collate_completions, 32),
-    ):
-        examples = tokenize_examples(tokenizer, load_rows(f"toy/data/{kind}", "train", kind), fields_, 64, 32, TruncationStats())
-        batches = [collate([examples[i] for i in b], tokenizer.pad_token_id) for b in epoch_batches(len(examples), batch_size, 1, 0)]
-        out[scripts] = (padding_fraction(batches), padding_fraction([pack_batch(b, 64) for b in batches]))
-    model = load_model("toy/sft-policy", torch.device("cpu")).eval()
-    prompts = tokenize_examples(tokenizer, load_rows("toy/data/prompts", "train", "prompts"), [], 64, 32, TruncationStats())
-    torch.manual_seed(1)
-    batches = []
-    for b in epoch_batches(len(prompts), 32, 1, 0)[:num_online_batches]:
-        prompt_ids = [prompts[i]["prompt_ids"] for i in b]
-        completion_ids, _ = generate(model, tokenizer, prompt_ids, 32, torch.device("cpu"))
-        batches.append(build_batch(prompt_ids, completion_ids, tokenizer.pad_token_id))
-    out["una_online"] = (padding_fraction(batches), padding_fraction([pack_batch(b, 64) for b in batches]))
-    return out
-
-
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def report(args, rows, builtin):
+def report(args, rows):
     ok = [r for r in rows if r["ok"]]
     first = ok[0]["bound"] if ok else {}
     print(
@@ -509,23 +463,22 @@ def report(args, rows, builtin):
     print("bound: policy forward + backward (+ reference forward) on the same batches; optim: clipping + AdamW, which the bound leaves out")
     header = (
         f"{'script':38s} {'step ms':>8s} {'bound ms':>8s} {'step/bound':>10s} {'<=1.10':>6s} {'optim ms':>8s} {'step/(bound+optim)':>18s} "
-        f"{'tokens/s':>8s} {'bound tok/s':>11s} {'packed bound ms':>15s} {'MFU step':>8s} {'MFU bound':>9s}"
+        f"{'tokens/s':>8s} {'bound tok/s':>11s} {'MFU step':>8s} {'MFU bound':>9s}"
     )
     print(header + "\n" + "-" * len(header))
     for r in rows:
         if not r["ok"]:
             print(f"{r['name']:38s} FAILED: {(r['error'].strip().splitlines() or [''])[-1]}")
             continue
-        packed = r.get("packed_bound_seconds")
         print(
             f"{r['name']:38s} {r['step_seconds'] * 1e3:8.1f} {r['bound_seconds'] * 1e3:8.1f} {r['ratio']:10.2f} {'yes' if r['ratio'] <= 1.10 else 'NO':>6s} "
             f"{r['optimizer_seconds'] * 1e3:8.1f} {r['ratio_with_optimizer']:18.2f} {r['step_tokens_per_second']:8.0f} {r['bound_tokens_per_second']:11.0f} "
-            f"{fmt(packed and packed * 1e3, '15.1f')} {fmt(r.get('step_mfu'), '8.1%')} {fmt(r.get('bound_mfu'), '9.1%')}"
+            f"{fmt(r.get('step_mfu'), '8.1%')} {fmt(r.get('bound_mfu'), '9.1%')}"
         )
-    header = f"{'script':38s} {'peak MB step':>12s} {'peak MB bound':>13s} {'padded tokens':>13s} {'packed':>7s}"
+    header = f"{'script':38s} {'peak MB step':>12s} {'peak MB bound':>13s} {'padded tokens':>13s}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in ok:
-        print(f"{r['name']:38s} {r['step_peak_memory_mb']:12.0f} {r['bound']['peak_memory_mb']:13.0f} {r['bound']['padding_fraction']:13.1%} {fmt(r['bound'].get('packed_padding_fraction'), '7.1%')}")
+        print(f"{r['name']:38s} {r['step_peak_memory_mb']:12.0f} {r['bound']['peak_memory_mb']:13.0f} {r['bound']['padding_fraction']:13.1%}")
     for r in ok:
         if r["script"] == "una_online":
             print(
@@ -543,16 +496,6 @@ def report(args, rows, builtin):
                 f"{r['name']}: {live['step_seconds'] / r['step_seconds']:.2f}x faster per step than with a live reference (target >= 1.3), "
                 f"peak memory {r['step_peak_memory_mb']:.0f} MB vs {live['step_peak_memory_mb']:.0f} MB"
             )
-    for r in ok:
-        if "--pack-sequences" in r["args"] and r["script"] in base:
-            padded = base[r["script"]]
-            print(
-                f"{r['name']}: {padded['step_seconds'] / r['step_seconds']:.2f}x faster per step than padded; "
-                f"padded-token fraction {r['bound']['padding_fraction']:.1%} -> {r['bound']['packed_padding_fraction']:.1%}"
-            )
-    print("\nbuilt-in task, each script's defaults: padded-token fraction of its training batches before -> after packing (target < 10%)")
-    for scripts, (before, after) in builtin.items():
-        print(f"  {scripts:12s} {before:6.1%} -> {after:6.1%}")
 
 
 def main(args):
@@ -570,9 +513,7 @@ def main(args):
     print(f"benchmark model and data in {work} ({time.time() - start:.0f}s); torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU'}")
 
     configs = [(s, s, []) for s in args.scripts]
-    cache = ["--ref-logprobs-cache-dir", str(work / "ref_logprobs_cache")]
-    configs += [(s, f"{s} --precompute-ref-logprobs", ["--precompute-ref-logprobs"] + cache) for s in args.scripts if s in args.precompute_variants and has_field(s, "precompute_ref_logprobs")]
-    configs += [(s, f"{s} --pack-sequences", ["--pack-sequences"]) for s in args.scripts if s in args.pack_variants and has_field(s, "pack_sequences")]
+    configs += [(s, f"{s} --precompute-ref-logprobs", ["--precompute-ref-logprobs"]) for s in args.scripts if s in args.precompute_variants and has_field(s, "precompute_ref_logprobs")]
     configs += [(v.split()[0], v, v.split()[1:]) for v in args.variants]
     rows = []
     for script, name, extra in configs:
@@ -581,11 +522,10 @@ def main(args):
         row = measure(args, name, script, extra, model, work / "data", reward_model, work)
         rows.append(row)
         print(f"{name}: " + (f"step {row['step_seconds'] * 1e3:.1f} ms, bound {row['bound_seconds'] * 1e3:.1f} ms ({time.time() - start:.0f}s so far)" if row["ok"] else "FAILED, see " + str(work / "runs")), flush=True)
-    builtin = builtin_padding()
-    report(args, rows, builtin)
+    report(args, rows)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"args": asdict(args), "runs": rows, "builtin_padding": builtin}, f, indent=2)
+            json.dump({"args": asdict(args), "runs": rows}, f, indent=2)
         print(f"\nwrote {args.json_out}")
 
 

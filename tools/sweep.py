@@ -18,17 +18,20 @@ and sets larger log-ratio targets for online UNA. Measured: beta moves online UN
 0.57 nats and KTO and UNA score over 0.6 to 0.9, but the DPO-family losses at lr 1e-5 only
 over 0.11 to 0.14 (in 250 steps their margins stay too small to saturate).
 
-Run:
-    OMP_NUM_THREADS=1 python sweep.py                  # 25 runs, 16 minutes on 2 CPU cores
-    python sweep.py --dry-run                          # print the commands only
-    python sweep.py --max-steps 2 --samples-per-prompt 2 --output-dir /tmp/s --runs-dir /tmp/s/runs   # plumbing check
+Run (from the repository root, or from anywhere with the path to this file):
+    OMP_NUM_THREADS=1 python tools/sweep.py            # 25 runs, 16 minutes on 2 CPU cores
+    python tools/sweep.py --dry-run                    # print the commands only
+    python tools/sweep.py --max-steps 2 --samples-per-prompt 2 --output-dir /tmp/s --runs-dir /tmp/s/runs   # plumbing
 
-Checkpoints go to --runs-dir (gitignored by default); the figure and tables to --output-dir.
+The scripts are the repository's (run from the current folder through their path, which the
+printed commands show). Checkpoints go to --runs-dir (by default the repository's runs/sweep,
+gitignored); the figure and tables to --output-dir (by default the repository's results/).
 The runs inherit the environment: on a machine that other jobs share, OMP_NUM_THREADS=1 keeps
 two threads per run from oversubscribing the cores (which slowed a run twentyfold here).
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,13 +40,20 @@ from pathlib import Path
 
 import tyro
 
+REPO = Path(__file__).resolve().parent.parent  # the scripts and results/ live there; this file is in tools/
+
+
+def repo_path(name):
+    """A path in the repository, relative to the current folder (just `name` from the repository root)."""
+    return os.path.relpath(REPO / name)
+
 
 @dataclass
 class Args:
-    output_dir: str = "results"
-    """where frontier.png, frontier.json and frontier.md are written"""
-    runs_dir: str = "runs/sweep"
-    """where each run's checkpoint, metrics and log go (runs/ is gitignored)"""
+    output_dir: str = repo_path("results")
+    """where frontier.png, frontier.json and frontier.md are written (default: the repository's results/)"""
+    runs_dir: str = repo_path("runs/sweep")
+    """where each run's checkpoint, metrics and log go (default: the repository's runs/sweep, gitignored)"""
     seed: int = 1
     """seed of every training run and of evaluate.py's sampling"""
     max_steps: int = 0
@@ -128,7 +138,7 @@ if __name__ == "__main__":
     for method, script, extra, learning_rate, betas in METHODS:
         for beta in betas:
             run_dir = runs_dir / f"{slug(method)}-beta{beta:g}"
-            command = [script, *extra, "--beta", f"{beta:g}", "--learning-rate", f"{learning_rate:g}", "--seed", str(args.seed)]
+            command = [repo_path(script), *extra, "--beta", f"{beta:g}", "--learning-rate", f"{learning_rate:g}", "--seed", str(args.seed)]
             command += ["--sample-prompts", "0", "--output-dir", str(run_dir)]
             command += ["--max-steps", str(args.max_steps)] if args.max_steps else []
             runs.append({"method": method, "script": script, "beta": beta, "learning_rate": learning_rate, "command": "python " + " ".join(command), "checkpoint": str(run_dir)})
@@ -147,7 +157,7 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ evaluate every checkpoint in one process
     evaluation = runs_dir / "evaluate.json"
     command = [
-        "evaluate.py", "--checkpoints", *[r["checkpoint"] for r in runs], "--seed", str(args.seed),
+        repo_path("evaluate.py"), "--checkpoints", *[r["checkpoint"] for r in runs], "--seed", str(args.seed),
         "--samples-per-prompt", str(args.samples_per_prompt), "--output", str(evaluation),
     ]  # fmt: skip
     if args.dry_run:
@@ -167,7 +177,7 @@ if __name__ == "__main__":
     plot_frontier(runs, reference, output_dir / "frontier.png")
     reference_row = {k: reference[k] for k in ("reward", "reward_stderr", "length", "ended_with_eos")}
     timing = {"total_seconds": total_seconds, "train_seconds": sum(r["train_seconds"] for r in runs), "eval_seconds": eval_seconds}
-    sweep_command = "python sweep.py " + " ".join(sys.argv[1:])
+    sweep_command = " ".join(["python", repo_path("tools/sweep.py"), *sys.argv[1:]])
     with open(output_dir / "frontier.json", "w") as f:
         json.dump({"command": sweep_command.strip(), "timing": timing, "starting_policy": reference_row, "runs": runs}, f, indent=2)
     table = markdown_table(runs, reference)
