@@ -1,10 +1,8 @@
-"""The only module the scripts share: distributed setup (setup_distributed, print0), loading
-(load_model, load_tokenizer), data (load_rows, unpair_rows, tokenize_examples, collate_*),
-log-probs and sampling (sequence_logps, generate), batch order (training_batches, micro_batch,
-lr_lambda), and logging and saving (MetricsLog, save_model, save_checkpoint, load_checkpoint).
-
-No loss, model setup (DDP, FSDP, LoRA, the reference) or training loop lives here: each script
-owns them and writes them where a reader sees them.
+"""The only module the scripts share: distributed setup (setup_distributed, print0), loading (load_model,
+load_tokenizer), data (load_rows, unpair_rows, tokenize_examples, collate_*), log-probs (sequence_logps),
+batch order (training_batches, micro_batch, lr_lambda), logging and saving (MetricsLog, save_model,
+save_checkpoint, load_checkpoint). No loss, model setup (DDP, FSDP, LoRA, the reference), sampling or
+training loop lives here: each script owns them and writes them where a reader sees them.
 """
 
 import json
@@ -107,7 +105,7 @@ def load_tokenizer(name):
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"tokenizer of {name!r} has no EOS token; completions must end with one")
     if tokenizer.pad_token_id is None:
-        print0(f"tokenizer of {name!r} has no pad token: padding with its EOS token {tokenizer.eos_token!r} (masked out)")
+        print0(f"tokenizer of {name!r} has no pad token: padding with its EOS token {tokenizer.eos_token!r}")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -121,8 +119,7 @@ ROW_FIELDS = {
     "prompts": ("prompt",),
 }
 TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
-# Names other datasets give these fields, for the "did you mean" of a missing column (difflib
-# catches misspellings, not synonyms).
+# Names other datasets give these fields, for the "did you mean" of a missing column.
 COLUMN_ALIASES = {
     "prompt": ("question", "instruction", "input", "query", "context"),
     "completion": ("response", "output", "answer", "text", "target", "generation"),
@@ -303,11 +300,7 @@ def render_chat(tokenizer, prompt, completion):
 class TruncationStats:
     """Counts what tokenization cut, so nothing is shortened without the user being told."""
 
-    def __init__(self):
-        self.rows = 0
-        self.completions = 0
-        self.prompts_truncated = 0
-        self.completions_truncated = 0
+    rows = completions = prompts_truncated = completions_truncated = 0  # each instance counts its own
 
     def summary(self, max_length, max_prompt_length):
         """One line for the log; a warning when most rows were cut (a limit meant for other data)."""
@@ -416,45 +409,22 @@ def sequence_logps(model, input_ids, attention_mask, labels):
     return logps, mask.sum(-1)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
-    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token lists,
-    each cut after its first EOS, and whether each ended with EOS (False: it hit max_new_tokens)."""
-    batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
-    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    eos = tokenizer.eos_token_id
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_p=top_p,
-        top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
-        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-    )[:, input_ids.shape[1] :].tolist()  # fmt: skip
-    ended = [eos in ids for ids in out]
-    return [ids[: ids.index(eos) + 1] if e else ids for ids, e in zip(out, ended)], ended
-
-
 # ----------------------------------------------------------------------------------------
 # Batch order and learning-rate schedule.
 
 
-def epoch_batches(num_examples, global_batch_size, seed, epoch):
-    """The global batches of one epoch: a permutation seeded by (seed, epoch), identical on
-    every rank, cut into `num_examples // global_batch_size` batches of index lists. The last
-    `num_examples % global_batch_size` indices wait for the next epoch (a fresh draw each
-    epoch), so every optimizer step sees a full global batch."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(num_examples, generator=g).tolist()
-    return [perm[b * global_batch_size : (b + 1) * global_batch_size] for b in range(num_examples // global_batch_size)]
-
-
 def training_batches(num_examples, global_batch_size, seed, start_step, total_steps):
-    """(epoch, batch indices) of optimizer steps start_step, ..., total_steps - 1: the same
-    batches whether the run started at step 0 or resumed from a checkpoint at start_step."""
+    """(epoch, batch indices) of optimizer steps start_step, ..., total_steps - 1: each epoch a permutation
+    seeded by (seed, epoch), the same on every rank, cut into full global batches (the last
+    num_examples % global_batch_size indices wait for the next epoch, drawn anew). The same batches whether
+    the run started at step 0 or resumed from a checkpoint at start_step."""
     batches_per_epoch = num_examples // global_batch_size
     for step in range(start_step, total_steps):
         epoch, b = divmod(step, batches_per_epoch)
         if b == 0 or step == start_step:
-            batches = epoch_batches(num_examples, global_batch_size, seed, epoch)
-        yield epoch, batches[b]
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perm = torch.randperm(num_examples, generator=g).tolist()
+        yield epoch, perm[b * global_batch_size : (b + 1) * global_batch_size]
 
 
 def micro_batch(batch, micro_step, rank, world_size, per_device_batch_size):

@@ -57,8 +57,8 @@ from tqdm import tqdm
 
 from common import (
     MetricsLog,
+    build_batch,
     collate_completions,
-    generate,
     load_checkpoint,
     load_model,
     load_rows,
@@ -188,6 +188,22 @@ def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
         return torch.sigmoid(scores)
     low, high = reward_range
     return ((scores - low) / (high - low)).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
+    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token lists,
+    each cut after its first EOS, and whether each ended with EOS (False: it hit max_new_tokens)."""
+    batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    eos = tokenizer.eos_token_id
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_p=top_p,
+        top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
+        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )[:, input_ids.shape[1] :].tolist()  # fmt: skip
+    ended = [eos in ids for ids in out]
+    return [ids[: ids.index(eos) + 1] if e else ids for ids, e in zip(out, ended)], ended
 
 
 def load_reward_model(name, device):

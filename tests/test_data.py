@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from common import DataError, TruncationStats, epoch_batches, load_rows, micro_batch, tokenize_examples
+from common import DataError, TruncationStats, load_rows, micro_batch, tokenize_examples, training_batches
 
 
 def write_jsonl(path, rows):
@@ -90,10 +90,13 @@ def test_conversational_rows_use_the_chat_template(tiny):
 
 
 def test_processes_and_micro_steps_see_the_one_process_batch():
-    batches = epoch_batches(num_examples=103, global_batch_size=8, seed=3, epoch=0)
-    assert len(batches) == 12 and all(len(b) == 8 for b in batches)
+    steps = list(training_batches(num_examples=103, global_batch_size=8, seed=3, start_step=0, total_steps=24))
+    assert [epoch for epoch, _ in steps] == [0] * 12 + [1] * 12 and all(len(b) == 8 for _, b in steps)
+    batches = [b for _, b in steps[:12]]
     assert len({i for b in batches for i in b}) == 96  # no example twice in an epoch
-    assert batches != epoch_batches(103, 8, 3, 1)  # a new order each epoch
+    assert batches != [b for _, b in steps[12:]]  # a new order each epoch
+    # a run resumed at step 13 gets the uninterrupted run's batches
+    assert list(training_batches(103, 8, 3, 13, 24)) == steps[13:]
     for batch in batches:
         # 2 processes x 2 micro-steps x 2 examples cover exactly the one-process batch of 8
         parts = [micro_batch(batch, m, r, 2, 2) for m in range(2) for r in range(2)]

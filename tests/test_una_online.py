@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common import IGNORE_INDEX, build_batch, generate, sequence_logps
+from common import IGNORE_INDEX, build_batch, sequence_logps
 from conftest import REPO, run_script, save_tiny_reward_model
-from una_online import normalize_rewards, una_online_loss
+from una_online import generate, normalize_rewards, una_online_loss
 
 V = 40  # vocabulary of the fake models
 EOS, PAD = 3, 0
@@ -32,7 +32,7 @@ class FixedLogits(torch.nn.Module):
 
 
 def test_loss_and_generated_token_mask_by_hand():
-    # Three samples as common.generate returns them with --max-new-tokens 4: the first ended
+    # Three samples as una_online.generate returns them with --max-new-tokens 4: the first ended
     # early with EOS (what the model produced after it was cut off), the second never ended,
     # the third ended with EOS on its last token.
     prompts = [[2, 10, 11], [2, 12], [2, 13, 14, 15]]
