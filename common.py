@@ -37,7 +37,7 @@ def setup_distributed():
 
 
 def print0(*args, **kwargs):
-    """print, on rank 0 only (every rank would print the same line)."""
+    """print, on rank 0 only."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
@@ -131,8 +131,7 @@ COLUMN_ALIASES = {
 
 
 class DataError(SystemExit):
-    """Bad input; the message names the file, row and field and, where it can, the fix. A
-    SystemExit, so that a script stops with the message alone rather than a traceback."""
+    """Bad input, named (file, row, field) with its fix: a SystemExit, so a script stops with no traceback."""
 
 
 def load_rows(dataset, split, kind):
@@ -171,8 +170,7 @@ def load_rows(dataset, split, kind):
 
 
 def _read_failure(path, error):
-    """Why datasets could not read `path`: an empty file, the first bad line of a .jsonl file, or
-    datasets' error and its cause (the informative part)."""
+    """Why datasets could not read `path`: an empty file, a .jsonl file's first bad line, or the error's cause."""
     if path.endswith((".json", ".jsonl")) and os.path.isfile(path):
         with open(path, errors="replace") as f:
             lines = f.read().splitlines()
@@ -381,8 +379,7 @@ def collate_completions(examples, pad_token_id):
 
 
 def collate_pairs(examples, pad_token_id):
-    """One batch holding the B chosen sequences then the B rejected ones (2B rows), so that
-    chosen and rejected go through the model in a single forward pass."""
+    """One batch of the B chosen then the B rejected sequences (2B rows): one forward pass for both."""
     prompts = [e["prompt_ids"] for e in examples]
     completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     return build_batch(prompts + prompts, completions, pad_token_id)
@@ -428,9 +425,8 @@ def training_batches(num_examples, global_batch_size, seed, start_step, total_st
 
 
 def micro_batch(batch, micro_step, rank, world_size, per_device_batch_size):
-    """This rank's share of a global batch for one gradient-accumulation micro-step, laid out
-    as [micro-step 0: rank 0, rank 1, ...][micro-step 1: ...]: N processes with per-device batch
-    B/N see exactly the examples one process with batch B sees."""
+    """This rank's share of a global batch for one micro-step, laid out [micro-step 0: rank 0, rank 1,
+    ...][micro-step 1: ...]: N processes with per-device batch B/N see what one process with B sees."""
     start = (micro_step * world_size + rank) * per_device_batch_size
     return batch[start : start + per_device_batch_size]
 
@@ -478,6 +474,10 @@ def save_model(model, tokenizer, output_dir):
     state_dict = get_model_state_dict(model, options=options)  # a collective under FSDP
     if int(os.environ.get("RANK", 0)) == 0:
         model = getattr(model, "module", model)  # the model inside DDP
+        first = {}  # tied weights (input and output embeddings) come back gathered twice: one tensor again
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) in state_dict and name in state_dict:
+                state_dict[name] = state_dict[first[id(p)]]
         model.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
     if dist.is_initialized():
@@ -506,7 +506,8 @@ def _dcp_state(models, optimizer):
     for name, model in models.items():
         if name == "policy":
             weights, optim = get_state_dict(model, optimizer)
-            frozen = {n.removeprefix("module.") for n, p in model.named_parameters() if not p.requires_grad}
+            named = model.named_parameters(remove_duplicate=False)  # tied weights under each name
+            frozen = {n.removeprefix("module.") for n, p in named if not p.requires_grad}
             state[name] = {"model": {k: v for k, v in weights.items() if k not in frozen}, "optim": optim}
         else:
             state[name] = {"model": get_model_state_dict(model)}

@@ -41,6 +41,7 @@ import tyro
 from common import load_model, load_rows, load_tokenizer
 from toy.evaluate import sample_records, true_reward, unique_prompts
 from toy.task import parse_prompt
+from una_online import load_reward_model, reward_model_scores, reward_model_texts  # online UNA's reward model
 
 
 @dataclass
@@ -74,48 +75,6 @@ class Args:
     """completions sampled per forward pass (32 matches the scripts' end-of-run evaluation)"""
     bf16: Optional[bool] = None
     """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
-
-
-def load_reward_model(name, device):
-    """A sequence-classification reward model with one output, frozen in fp32, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
-        reward_tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"could not load --reward-model {name!r}: {e}")
-    if reward_model.config.num_labels != 1:
-        raise SystemExit(f"--reward-model {name!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
-    if reward_tokenizer.pad_token is None:
-        if reward_tokenizer.eos_token is None:
-            raise SystemExit(f"the tokenizer of --reward-model {name!r} has neither a pad nor an EOS token to pad with")
-        reward_tokenizer.pad_token = reward_tokenizer.eos_token
-    reward_tokenizer.padding_side = "right"  # position ids then count real tokens: a batch scores as each text alone
-    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
-    return reward_model.to(device).eval().requires_grad_(False), reward_tokenizer
-
-
-def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
-    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
-    becomes one user message) and the completion as the assistant's reply; without one, the
-    prompt and completion as the policy saw them, decoded without special tokens."""
-    if getattr(reward_tokenizer, "chat_template", None) is None:
-        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
-    texts = []
-    for prompt, c in zip(prompts, completion_ids):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
-        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
-    return texts
-
-
-@torch.no_grad()
-def reward_model_scores(reward_model, reward_tokenizer, texts):
-    """Raw scores (B,) of a reward model for a batch of reward_model_texts."""
-    add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them
-    inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    return reward_model(**inputs.to(reward_model.device)).logits[:, 0].float()  # (B,)
 
 
 def win_rate(policy_rewards, reference_rewards):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from common import build_batch, load_model, print0, sequence_logps, tokenize_examples
 from toy.task import parse_completion, parse_prompt, reward
+from una_online import generate  # the sampling online UNA trains with
 
 
 def unique_prompts(rows):
@@ -29,22 +30,6 @@ def gather_lists(items):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, list(items))
     return [x for part in gathered for x in part]
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
-    """Sample one completion per prompt (as una_online.py does) (KV-cached, left-padded). Returns the completion token lists,
-    each cut after its first EOS, and whether each ended with EOS (False: it hit max_new_tokens)."""
-    batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
-    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    eos = tokenizer.eos_token_id
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_p=top_p,
-        top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
-        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-    )[:, input_ids.shape[1] :].tolist()  # fmt: skip
-    ended = [eos in ids for ids in out]
-    return [ids[: ids.index(eos) + 1] if e else ids for ids, e in zip(out, ended)], ended
 
 
 def true_reward(batch_prompts, prompt_ids, completion_ids, completions, ended):
