@@ -38,7 +38,8 @@ def true_reward(batch_prompts, prompt_ids, completion_ids, completions, ended):
 
 
 @torch.no_grad()
-def sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16, score=true_reward):
+def sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed,
+                   bf16, score=true_reward):
     """Sample `samples_per_prompt` completions per prompt from `policy` and score them.
 
     Returns one record per sample, {"prompt", "completion", "ended", "reward", "kl", "length"},
@@ -68,17 +69,20 @@ def sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, ma
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
         rewards = score(batch_prompts, p_ids, completions, texts, ended)
         for prompt, text, ids, end, r, kl in zip(batch_prompts, texts, completions, ended, rewards, kls):
-            records.append({"prompt": prompt, "completion": text, "ended": end, "reward": r, "kl": kl, "length": len(ids)})
+            record = {"prompt": prompt, "completion": text, "ended": end, "reward": r, "kl": kl, "length": len(ids)}
+            records.append(record)
     policy.train(was_training)
     return gather_lists(records)
 
 
-def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16):
+def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed,
+                bf16):
     """sample_records with the true reward, summarized: the mean reward and its standard error,
     the sampled KL to `reference` (None without one), the fractions of samples that ended with
     EOS and that are grammatical (over-optimized policies drift out of the task's grammar), the
     mean length, and 8 examples."""
-    records = sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16)
+    sampling = (samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16)
+    records = sample_records(policy, reference, tokenizer, prompts, *sampling)
     n = len(records)
     rewards = [r["reward"] for r in records]
     mean = sum(rewards) / n
@@ -94,7 +98,8 @@ def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_n
     }
 
 
-def compare_policies(trained, starting, tokenizer, rows, num_prompts, samples_per_prompt, max_new_tokens, batch_size, seed, device, bf16):
+def compare_policies(trained, starting, tokenizer, rows, num_prompts, samples_per_prompt, max_new_tokens, batch_size,
+                     seed, device, bf16):
     """The end-of-run evaluation of a training script: the saved trained policy (a folder) and the
     starting policy (its reference), sampled on the first `num_prompts` held-out prompts of `rows`.
     Each rank loads both whole and samples its share. Returns {"starting_policy", "trained_policy"}
