@@ -279,7 +279,7 @@ if __name__ == "__main__":
     if args.resume_from:
         step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
     metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc="sft")
+    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
     start_time = time.time()
 
     def save_state():
