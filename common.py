@@ -9,11 +9,15 @@ import json
 import math
 import os
 import random
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100  # label of a token that is not scored (prompt, padding)
@@ -77,20 +81,30 @@ def _load_failure(what, name, path, error):
     return SystemExit(f"could not load {what} {name!r}: not a local folder and not loadable from the hub ({error})")
 
 
-def load_model(name, device):
-    """A causal LM in fp32 (the master weights; bf16 comes from autocast) on `device`. A LoRA
-    run's output (an adapter folder) loads as its base model with the adapter merged in."""
-    from transformers import AutoModelForCausalLM
+def load_model(name, device, dropout=False):
+    """A causal LM in fp32 (the master weights; bf16 comes from autocast) on `device`, its dropout off
+    unless `dropout` (so that the policy in train mode starts equal to the reference, as TRL's
+    disable_dropout). A LoRA run's output (an adapter folder) loads as its base model with the adapter merged in."""
+    import transformers
 
+    if not sys.stderr.isatty():  # its loading and saving bars would fill a log file
+        transformers.utils.logging.disable_progress_bar()
     path = resolve_path(name, "model")
     try:
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             from peft import AutoPeftModelForCausalLM
 
-            return AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload().to(device)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise _load_failure("model", name, path, e)
+    for module in model.modules() if not dropout else []:  # attention dropout is often a float, not an nn.Dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model.to(device)
 
 
 def load_tokenizer(name):
@@ -136,10 +150,13 @@ class DataError(SystemExit):
 
 def load_rows(dataset, split, kind):
     """Rows (dicts) of one split of a dataset, checked against the fields `kind` needs: a hub
-    id, a local folder of split files, or one .json/.jsonl/.parquet file (its only split: "train")."""
+    id, a local folder of split files, or one .json/.jsonl/.parquet file (its only split: "train").
+    `split` None is the default held-out split: "test", or no rows (said in one line) where there is none."""
     import datasets
 
     path = resolve_path(dataset, "dataset")
+    if not sys.stderr.isatty():  # its progress bars would fill a log file
+        datasets.disable_progress_bars()
     try:
         if os.path.isfile(path):
             suffix = path.rsplit(".", 1)[-1]
@@ -154,6 +171,11 @@ def load_rows(dataset, split, kind):
             data = datasets.load_dataset(path)
     except Exception as e:  # datasets' errors are deep and name no line: _read_failure says what went wrong
         raise DataError(f"could not load dataset {dataset!r}: {_read_failure(path, e)}")
+    if split is None and "test" not in data:
+        print0(f"{dataset}: no split 'test' (it has {', '.join(data)}), so no held-out evaluation "
+               "(--eval-split names another)")
+        return []
+    split = "test" if split is None else split
     if split not in data:
         raise DataError(
             f"{dataset}: no split {split!r} (it has: {', '.join(data)}); choose one with "
@@ -275,7 +297,8 @@ def _guess_renames(missing, spare):
 
 
 # ----------------------------------------------------------------------------------------
-# Tokenization: prompt + completion, with the prompt masked out of the loss and EOS appended.
+# Tokenization: prompt + completion, with the prompt masked out of the loss; a completion ends with EOS
+# (plain text) or with the chat template's own end of turn (conversations).
 
 
 def render_chat(tokenizer, prompt, completion):
@@ -295,10 +318,36 @@ def render_chat(tokenizer, prompt, completion):
     return prompt_text, full_text[len(prompt_text) :]
 
 
+def _special_ids(tokenizer):
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def _shared_length(a, b):
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _through_end_of_turn(tokenizer, ids, special):
+    """A rendered reply's ids through the template's end of turn (its last special token, where only whitespace
+    follows, as the newline after <|im_end|>); None where the template does not close the turn with a token."""
+    end = max((j for j, t in enumerate(ids) if t in special), default=None)
+    return None if end is None or tokenizer.decode(ids[end + 1 :]).strip() else ids[: end + 1]
+
+
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant reply in the chat template (<|im_end|>, <|eot_id|>), else EOS: sampling
+    from a conversational prompt stops there."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return tokenizer.eos_token_id
+    _, reply = render_chat(tokenizer, [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hi"}])
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    ids = _through_end_of_turn(tokenizer, reply_ids, _special_ids(tokenizer))
+    return ids[-1] if ids else tokenizer.eos_token_id
+
+
 class TruncationStats:
     """Counts what tokenization cut, so nothing is shortened without the user being told."""
 
-    rows = completions = prompts_truncated = completions_truncated = 0  # each instance counts its own
+    rows = completions = prompts_truncated = completions_truncated = tokens = unknown = 0  # each instance its own
 
     def summary(self, max_length, max_prompt_length):
         """One line for the log; a warning when most rows were cut (a limit meant for other data)."""
@@ -310,17 +359,25 @@ class TruncationStats:
             text += f"; warning: most prompts were cut, consider a larger --max-prompt-length than {max_prompt_length}"
         if self.completions_truncated > self.completions / 2:
             text += f"; warning: most completions were cut, consider a larger --max-length than {max_length}"
+        if self.unknown > 0.05 * self.tokens:
+            text += (f"; warning: {self.unknown / self.tokens:.0%} of the tokens are the tokenizer's unknown token: "
+                     "it does not know the data's words (the built-in policy toy/sft-policy knows only the built-in "
+                     "task's words)")
         return text
 
 
 def tokenize_examples(tokenizer, rows, completion_fields, max_length, max_prompt_length, stats=None, source=""):
     """Token ids of each row: {"prompt_ids": [...], field + "_ids": [...] for each completion field}.
 
-    Plain-text prompts get the tokenizer's special tokens (BOS); every completion ends with EOS;
-    conversational rows go through the chat template. A prompt over `max_prompt_length` keeps its
-    last tokens; a completion that does not fit in `max_length` is cut at the end. Both are counted
-    in `stats` (a TruncationStats); with stats None they are printed, with False neither."""
-    counts, examples = stats or TruncationStats(), []
+    Plain text: the prompt gets the tokenizer's special tokens (BOS), the completion ends with EOS.
+    Conversations: the chat template renders the whole conversation, tokenized as a whole; the completion
+    is its tokens after the prompt's (where a token spans the two, the completion's), through the template's
+    end of turn (EOS only where the template does not end turns with a token). A prompt over
+    `max_prompt_length` keeps its leading special tokens and its last tokens; a completion that does not fit
+    in `max_length` is cut at the end. Both are counted in `stats` (a TruncationStats), with the tokens
+    unknown to the tokenizer; with stats None they are printed, with False neither."""
+    counts, examples, special, eos = stats or TruncationStats(), [], _special_ids(tokenizer), tokenizer.eos_token_id
+    tokenize = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     for i, row in enumerate(rows):
         prompt = row["prompt"]
         if any(isinstance(row[f], list) != isinstance(prompt, list) for f in completion_fields):
@@ -330,20 +387,29 @@ def tokenize_examples(tokenizer, rows, completion_fields, max_length, max_prompt
                 rendered = [render_chat(tokenizer, prompt, row[f] if f else None) for f in completion_fields or [None]]
             except DataError as e:
                 raise DataError(f"{source}, row {i}: {e}")
-            prompt_ids = tokenizer(rendered[0][0], add_special_tokens=False)["input_ids"]
-            texts = {f: completion for f, (_, completion) in zip(completion_fields, rendered)}
+            prompt_ids = tokenize(rendered[0][0])
+            # a completion: the tokens of the whole rendered conversation after those it shares with the prompt
+            # rendered alone (a token across the two, as " Hi" after "Assistant: ", is the completion's)
+            full = {f: tokenize(p + c) for f, (p, c) in zip(completion_fields, rendered)}
+            n = min([_shared_length(prompt_ids, ids) for ids in full.values()], default=len(prompt_ids))
+            prompt_ids = prompt_ids[:n]
+            completions = {f: _through_end_of_turn(tokenizer, ids[n:], special) or ids[n:] + [eos]
+                           for f, ids in full.items()}  # fmt: skip
         else:
             prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            texts = {f: row[f] for f in completion_fields}
+            completions = {f: tokenize(row[f]) for f in completion_fields}
+            completions = {f: ids if ids[-1:] == [eos] else ids + [eos] for f, ids in completions.items()}
         counts.rows += 1
-        if len(prompt_ids) > max_prompt_length:
-            prompt_ids = prompt_ids[-max_prompt_length:]
+        for ids in [prompt_ids, *completions.values()]:
+            counts.tokens, counts.unknown = counts.tokens + len(ids), counts.unknown + ids.count(tokenizer.unk_token_id)
+        if len(prompt_ids) > max_prompt_length:  # keep the leading special tokens (BOS, the template's) and the end
+            lead = next((j for j, t in enumerate(prompt_ids) if t not in special), 0)
+            lead = lead if lead < max_prompt_length else 0
+            prompt_ids = prompt_ids[:lead] + prompt_ids[len(prompt_ids) - max_prompt_length + lead :]
             counts.prompts_truncated += 1
         example = {"prompt_ids": prompt_ids}
         for field in completion_fields:
-            ids = tokenizer(texts[field], add_special_tokens=False)["input_ids"]
-            if not ids or ids[-1] != tokenizer.eos_token_id:
-                ids = ids + [tokenizer.eos_token_id]
+            ids = completions[field]
             room = max_length - len(prompt_ids)
             counts.completions += 1
             if len(ids) > room:
@@ -389,21 +455,60 @@ def collate_pairs(examples, pad_token_id):
 # Log-probabilities.
 
 
-def sequence_logps(model, input_ids, attention_mask, labels):
+def sequence_logps(model, input_ids, attention_mask, labels, chunk_size=256):
     """Sum of log pi(y_t | x, y_<t) over the completion tokens of each sequence.
 
     input_ids, attention_mask, labels: (B, T); labels are IGNORE_INDEX where not scored. Returns
     (logps, num_tokens), both (B,). Exact for left and right padding (position ids count real
-    tokens only); only the N scored positions of the logits (B, T, V) go to fp32."""
+    tokens only). The (B, T, V) logits never exist: the output layer runs on the N scored positions
+    only, `chunk_size` at a time in fp32, each chunk's logits recomputed in backward."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at the first real token
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    logits = outputs.logits[:, :-1]  # (B, T-1, V): logits at position t predict token t+1
-    targets = labels[:, 1:]  # (B, T-1)
+    targets = labels[:, 1:]  # (B, T-1): the hidden state at position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (B, T-1)
-    token_logps = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (N,)
+    with _output_layer_scores(model, mask, targets[mask], chunk_size) as scores:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    token_logps = outputs.logits  # (N,): what the output layer returned
+    if token_logps is not scores[0]:
+        raise NotImplementedError(f"{type(model).__name__} changes its output layer's logits: it needs a case here")
     rows = mask.nonzero()[:, 0]  # (N,): which sequence each scored token belongs to
     logps = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)  # (B,)
     return logps, mask.sum(-1)
+
+
+@contextmanager
+def _output_layer_scores(model, mask, targets, chunk_size):
+    """For one forward pass, the output layer returns log pi(targets) (N,) at the positions `mask` (B, T-1)
+    instead of the logits (B, T, V). It runs inside the model's forward, where FSDP has gathered its
+    weights (tied with the input embeddings or not); LoRA's wrapper and DDP's are looked through."""
+    inner = getattr(model, "module", model)  # the model inside DDP
+    head, config = inner.get_output_embeddings(), inner.config
+    layer, cap = head.forward, getattr(config, "final_logit_softcapping", None)  # Gemma 2: cap tanh(logits / cap)
+
+    def chunk_logps(hidden, chunk_targets):  # (n, H), (n,) -> (n,)
+        logits = layer(hidden).float()  # (n, V): log-softmax in fp32 under bf16 autocast
+        logits = cap * torch.tanh(logits / cap) if cap else logits
+        return -F.cross_entropy(logits, chunk_targets, reduction="none")
+
+    def scores(hidden):  # (B, T, H) -> (N,)
+        hidden = hidden[:, :-1][mask]  # (N, H)
+        chunks = [checkpoint(chunk_logps, hidden[i : i + chunk_size], targets[i : i + chunk_size], use_reentrant=False)
+                  for i in range(0, len(hidden), chunk_size)]  # fmt: skip
+        returned.append(torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32))
+        return returned[0]
+
+    returned, had_forward = [], "forward" in vars(head)
+    head.forward = scores
+    if cap:
+        config.final_logit_softcapping = None  # applied to each chunk above, not again after the output layer
+    try:
+        yield returned
+    finally:
+        if had_forward:
+            head.forward = layer
+        else:
+            del head.forward
+        if cap:
+            config.final_logit_softcapping = cap
 
 
 # ----------------------------------------------------------------------------------------
@@ -448,20 +553,83 @@ def lr_lambda(scheduler, warmup_steps, total_steps):
 
 
 class MetricsLog:
-    """Appends one JSON object per line to <output_dir>/metrics.jsonl (rank 0 only). A run
-    resumed at `start_step` into the same folder keeps the lines of steps up to start_step."""
+    """Where a run's numbers go, on rank 0 (`enabled`): one JSON object per line in <output_dir>/metrics.jsonl,
+    the progress (a bar on a terminal; in a log file a plain line every tenth of the run), and with
+    args.report_to "trackio" or "wandb" the same values in that tracker, imported only then, with the
+    arguments as the run's config. A run resumed at `start_step` into the same folder keeps the lines
+    (and samples) of the steps up to start_step."""
 
-    def __init__(self, output_dir, enabled, start_step=0):
-        self.enabled, path = enabled, Path(output_dir) / "metrics.jsonl"
-        if enabled:
+    def __init__(self, args, enabled, start_step, total_steps, show=("loss",)):
+        self.enabled, self.show, self.total, self.step, self.last = enabled, show, total_steps, start_step, {}
+        self.script, self.tracker, self.bar = os.path.basename(sys.argv[0]), None, None
+        if not enabled:
+            return
+        self.paths = [Path(args.output_dir) / name for name in ("metrics.jsonl", "samples.jsonl")]
+        for path in self.paths:  # drop what a resumed run will write again
             lines = open(path).readlines() if start_step > 0 and path.exists() else []
-            self.file = open(path, "w")
-            self.file.writelines(x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step)
+            with open(path, "w") as f:
+                f.writelines(x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step)
+        self.file = open(self.paths[0], "a")
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=self.script)
+        if args.report_to != "none":  # trackio and wandb share init, log, Table and finish
+            import importlib
+
+            self.tracker = importlib.import_module(args.report_to)
+            name = args.run_name or f"{Path(self.script).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.tracker.init(project=args.project, name=name, config=vars(args))
 
     def log(self, metrics):
-        if self.enabled:
-            self.file.write(json.dumps(metrics) + "\n")
-            self.file.flush()
+        """One step's metrics (or the held-out ones), {"step": N, name: number}: to the file, tracker and progress."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        self.last.update(metrics)
+        step, shown = metrics["step"], ", ".join(f"{k} {metrics[k]:.4g}" for k in self.show if k in metrics)
+        if self.bar is not None and step > self.step:
+            self.bar.update(step - self.step)
+            self.bar.set_postfix_str(shown)
+        elif step > self.step and (step % max(1, self.total // 10) == 0 or step == self.total):
+            print(f"{self.script}: step {step}/{self.total}: {shown}", flush=True)
+        self.step = max(self.step, step)
+
+    def log_samples(self, step, samples):
+        """Sampled completions, a list of {"prompt", "completion", "reward", ...}: appended to
+        <output_dir>/samples.jsonl with their step, and a table in the tracker."""
+        if not self.enabled or not samples:
+            return
+        with open(self.paths[1], "a") as f:
+            f.writelines(json.dumps({"step": step, **s}) + "\n" for s in samples)
+        if self.tracker is not None:
+            cell = lambda v: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+            table = [[cell(v) for v in s.values()] for s in samples]
+            self.tracker.log({"samples": self.tracker.Table(columns=list(samples[0]), data=table)}, step=step)
+
+    def finish(self, results):
+        """The end of the run: the last training step's loss and the held-out metrics as the final line,
+        and the results (numbers, nested ones named a/b) to the tracker."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        flat = {}
+        for key, value in results.items():
+            for k, v in (value.items() if isinstance(value, dict) else [("", value)]):
+                if isinstance(v, (int, float)) and v is not None:
+                    flat[f"{key}/{k}" if k else key] = v
+        held_out = ", ".join(f"{k[5:]} {v:.4f}" for k, v in flat.items() if k.startswith("eval/"))
+        loss = f"{self.last['loss']:.4f}" if isinstance(self.last.get("loss"), float) else "n/a"
+        print(f"{self.script} done: {self.step} steps in {results.get('train_seconds', 0):.0f} s; last training "
+              f"loss {loss}" + (f"; held-out {held_out}" if held_out else ""), flush=True)
+        if self.tracker is not None:
+            self.tracker.log({f"final/{k}": v for k, v in flat.items()}, step=self.step)
+            self.tracker.finish()
+        self.file.close()
 
 
 def save_model(model, tokenizer, output_dir):

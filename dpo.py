@@ -33,7 +33,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from common import (
     MetricsLog,
@@ -63,12 +62,14 @@ class Args:
     """hub id, local folder, or .json/.jsonl/.parquet file of {"prompt", "chosen", "rejected"} rows"""
     train_split: str = "train"
     """split to train on"""
-    eval_split: str = "test"
-    """held-out split for evaluation ('' to skip)"""
+    eval_split: Optional[str] = None
+    """held-out split for evaluation ('' skips; None: 'test', skipped with a note where the data has none)"""
     output_dir: str = "runs/dpo"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
     """seed of the data order (the same on every rank) and of sampling (offset by the rank)"""
+    dropout: bool = False
+    """keep the model's dropout on in training (else off, so that the policy starts equal to the reference)"""
 
     # --- algorithm ---
     beta: float = 0.1
@@ -113,6 +114,12 @@ class Args:
     """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
+    report_to: Literal["none", "trackio", "wandb"] = "none"
+    """experiment tracker to send the arguments, every metrics line and the results to (rank 0; pip install it)"""
+    run_name: str = ""
+    """name of the run in the tracker ('': the script's name and the start time)"""
+    project: str = "alignment"
+    """project of the run in the tracker"""
 
     # --- checkpoints ---
     save_every: int = 0
@@ -124,9 +131,9 @@ class Args:
 
     # --- hardware ---
     bf16: Optional[bool] = None
-    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+    """bf16 autocast (None: on for GPUs that support it, off on CPU)"""
     gradient_checkpointing: Optional[bool] = None
-    """recompute activations in the backward pass to save memory (default: on for GPU)"""
+    """recompute activations in the backward pass to save memory (None: on for GPU)"""
     fsdp: bool = False
     """with several processes, shard the models per decoder layer (FSDP2) instead of replicating them (DDP)"""
     lora_r: int = 0
@@ -142,12 +149,13 @@ class Args:
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-             loss_type, label_smoothing):
+             loss_type, label_smoothing, chosen_lengths=1, rejected_lengths=1):
     """DPO / cDPO / IPO loss of a batch of pairs.
 
-    Each argument is a (B,) tensor of log pi(y|x) summed over completion tokens (for IPO,
-    averaged over them). Returns (losses, chosen_rewards, rejected_rewards), each (B,); the
-    rewards are the implicit rewards beta * (log pi - log ref), detached.
+    Each *_logps argument is a (B,) tensor of log pi(y|x) summed over completion tokens; IPO's
+    loss divides the log-ratios by the completions' token counts (*_lengths, (B,)). Returns
+    (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are the implicit rewards
+    beta * (log pi - log ref) of the summed log-probs, detached, for every loss type.
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,) rho(x, y_w)
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,) rho(x, y_l)
@@ -156,18 +164,17 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         # Eq. 7 of 2305.18290; with label smoothing eps, the conservative DPO loss
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     else:
-        # Eq. 17 of 2310.12036: regress h onto 1 / (2 beta)
+        # Eq. 17 of 2310.12036 on length-averaged log-probs: regress their h onto 1 / (2 beta)
+        h = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths  # (B,)
         losses = (h - 1 / (2 * beta)) ** 2
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
 
 
-def forward_pairs(model, batch, loss_type):
+def forward_pairs(model, batch):
     """Log-probs (B,) of chosen and rejected in one forward pass over the 2B concatenated rows."""
-    logps, num_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
-    if loss_type == "ipo":
-        logps = logps / num_tokens
+    logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
     B = len(logps) // 2
     return logps[:B], logps[B:]
 
@@ -201,9 +208,9 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
     train_rows = load_rows(args.dataset, args.train_split, "pairwise")
-    eval_rows = load_rows(args.dataset, args.eval_split, "pairwise") if args.eval_split else []
+    eval_rows = load_rows(args.dataset, args.eval_split, "pairwise") if args.eval_split != "" else []
     fields, lengths = ["chosen", "rejected"], (args.max_length, args.max_prompt_length)
-    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split}]"
+    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
     train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
@@ -222,7 +229,7 @@ if __name__ == "__main__":
     # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
     # itself with its adapter switched off (peft's disable_adapter), which is the base model; with
     # --precompute-ref-logprobs none: the policy scores the data before it trains (below)
-    policy = load_model(args.model_name, device).train()  # (from_pretrained's eval mode skips gradient checkpointing)
+    policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)
     reference = None if args.lora_r > 0 or args.precompute_ref_logprobs else load_model(args.model_name, device).eval()
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -253,6 +260,7 @@ if __name__ == "__main__":
     def make_batch(examples):
         """The padded batch of `examples` on the device (2B rows: chosen, then rejected)."""
         batch = collate_pairs(examples, tokenizer.pad_token_id)
+        batch["lengths"] = torch.tensor([[len(e["chosen_ids"]), len(e["rejected_ids"])] for e in examples])  # (B, 2)
         if args.precompute_ref_logprobs and "reference_logps" in examples[0]:
             batch["reference_logps"] = torch.tensor([e["reference_logps"] for e in examples])  # (B, 2)
         return {k: v.to(device) for k, v in batch.items()}
@@ -263,7 +271,7 @@ if __name__ == "__main__":
         if "reference_logps" in batch:  # --precompute-ref-logprobs
             return batch["reference_logps"].unbind(-1)
         with model.disable_adapter() if args.lora_r > 0 else nullcontext():
-            return forward_pairs(model if reference is None else reference, batch, args.loss_type)
+            return forward_pairs(model if reference is None else reference, batch)
 
     if args.precompute_ref_logprobs:  # one pass over the data on every rank, by the policy before it trains
         examples = train_examples + eval_examples
@@ -285,11 +293,11 @@ if __name__ == "__main__":
                 indices = [(b * world_size + rank) * B + i for i in range(B)]
                 batch = make_batch([eval_examples[i % len(eval_examples)] for i in indices])
                 counted = torch.tensor([i < len(eval_examples) for i in indices], device=device)  # (B,)
-                policy_chosen_logps, policy_rejected_logps = forward_pairs(model, batch, args.loss_type)
+                policy_chosen_logps, policy_rejected_logps = forward_pairs(model, batch)
                 reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    args.beta, args.loss_type, args.label_smoothing,
+                    args.beta, args.loss_type, args.label_smoothing, *batch["lengths"].unbind(-1),
                 )
                 margins = (chosen_rewards - rejected_rewards)[counted]
                 for name, value in {
@@ -312,8 +320,7 @@ if __name__ == "__main__":
     step = 0
     if args.resume_from:
         step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
-    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
+    metrics_log = MetricsLog(args, master_process, step, total_steps, show=("loss", "rewards/accuracies"))
     start_time = time.time()
 
     def save_state():
@@ -328,11 +335,11 @@ if __name__ == "__main__":
             batch = make_batch([train_examples[i] for i in indices])
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
-                policy_chosen_logps, policy_rejected_logps = forward_pairs(policy, batch, args.loss_type)
+                policy_chosen_logps, policy_rejected_logps = forward_pairs(policy, batch)
                 reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    args.beta, args.loss_type, args.label_smoothing,
+                    args.beta, args.loss_type, args.label_smoothing, *batch["lengths"].unbind(-1),
                 )
                 (losses.mean() / args.gradient_accumulation_steps).backward()
             for name, value in {
@@ -359,6 +366,7 @@ if __name__ == "__main__":
                 f"stopped before updating the weights. The last good state (after step {step}) is saved in {path}. "
                 f"Lower --learning-rate or --max-grad-norm, check the data of this step, then --resume-from {path}"
             )
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -367,16 +375,13 @@ if __name__ == "__main__":
 
         tokens, count = sums.pop("tokens"), sums.pop("count")
         metrics = {"step": step, "epoch": epoch, **{name: value / count for name, value in sums.items()}}
-        metrics["learning_rate"], metrics["grad_norm"] = scheduler.get_last_lr()[0], grad_norm
+        metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
-        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+        if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())
         metrics_log.log(metrics)
         if args.save_every > 0 and step % args.save_every == 0:
             save_state()
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-    progress.close()
     train_seconds = time.time() - start_time
     # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -384,10 +389,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ evaluation
     results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
-    if args.eval_split:
+    if eval_examples:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
-        print0("held-out:", ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items() if "eval/" in k and v is not None))
 
     # ------------------------------------------------------------------ save
     save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes
@@ -403,8 +407,10 @@ if __name__ == "__main__":
         sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
         sampling = (*sampling, args.seed, device, bf16)
         results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
+    metrics_log.finish(results)  # the final line: the last training loss and the held-out metrics; closes the tracker
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from common import (
     MetricsLog,
@@ -63,12 +62,14 @@ class Args:
     """hub id, local folder, or .json/.jsonl/.parquet file of {"prompt", "completion"} rows"""
     train_split: str = "train"
     """split to train on"""
-    eval_split: str = "test"
-    """held-out split for evaluation ('' to skip)"""
+    eval_split: Optional[str] = None
+    """held-out split for evaluation ('' skips; None: 'test', skipped with a note where the data has none)"""
     output_dir: str = "runs/sft"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
     """seed of a scratch model, of the data order (the same on every rank) and of sampling (offset by the rank)"""
+    dropout: bool = False
+    """keep the model's dropout on in training (else off, as in the other scripts)"""
 
     # --- optimizer ---
     learning_rate: float = 3e-3
@@ -106,6 +107,13 @@ class Args:
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
 
+    report_to: Literal["none", "trackio", "wandb"] = "none"
+    """experiment tracker to send the arguments, every metrics line and the results to (rank 0; pip install it)"""
+    run_name: str = ""
+    """name of the run in the tracker ('': the script's name and the start time)"""
+    project: str = "alignment"
+    """project of the run in the tracker"""
+
     # --- checkpoints ---
     save_every: int = 0
     """write a checkpoint every this many optimizer steps (0: never)"""
@@ -116,9 +124,9 @@ class Args:
 
     # --- hardware ---
     bf16: Optional[bool] = None
-    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+    """bf16 autocast (None: on for GPUs that support it, off on CPU)"""
     gradient_checkpointing: Optional[bool] = None
-    """recompute activations in the backward pass to save memory (default: on for GPU)"""
+    """recompute activations in the backward pass to save memory (None: on for GPU)"""
     fsdp: bool = False
     """with several processes, shard the policy per decoder layer (FSDP2) instead of replicating it (DDP)"""
     lora_r: int = 0
@@ -197,10 +205,10 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ data
     train_rows = load_rows(args.dataset, args.train_split, "sft")
-    eval_rows = load_rows(args.dataset, args.eval_split, "sft") if args.eval_split else []
+    eval_rows = load_rows(args.dataset, args.eval_split, "sft") if args.eval_split != "" else []
     tokenizer = build_scratch_tokenizer(train_rows) if scratch else load_tokenizer(args.model_name)
     fields, lengths = ["completion"], (args.max_length, args.max_prompt_length)
-    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split}]"
+    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
     train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
@@ -220,7 +228,9 @@ if __name__ == "__main__":
     # run (and the built-in task's evaluation of the starting policy) builds the same ones again.
     def load_starting_policy():
         """The policy before training: a scratch model (the same random weights for a seed), or --model-name."""
-        return build_scratch_model(tokenizer, args.seed).to(device) if scratch else load_model(args.model_name, device)
+        if scratch:
+            return build_scratch_model(tokenizer, args.seed).to(device)
+        return load_model(args.model_name, device, args.dropout)
 
     policy = load_starting_policy().train()  # from_pretrained's eval mode would turn gradient checkpointing off
     print0(f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
@@ -278,8 +288,7 @@ if __name__ == "__main__":
     step = 0
     if args.resume_from:
         step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
-    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
+    metrics_log = MetricsLog(args, master_process, step, total_steps, show=("loss",))
     start_time = time.time()
 
     def save_state():
@@ -316,6 +325,7 @@ if __name__ == "__main__":
                 f"stopped before updating the weights. The last good state (after step {step}) is saved in {path}. "
                 f"Lower --learning-rate or --max-grad-norm, check the data of this step, then --resume-from {path}"
             )
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -324,16 +334,13 @@ if __name__ == "__main__":
 
         tokens, count = sums.pop("tokens"), sums.pop("count")
         metrics = {"step": step, "epoch": epoch, **{name: value / count for name, value in sums.items()}}
-        metrics["learning_rate"], metrics["grad_norm"] = scheduler.get_last_lr()[0], grad_norm
+        metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
-        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+        if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())
         metrics_log.log(metrics)
         if args.save_every > 0 and step % args.save_every == 0:
             save_state()
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-    progress.close()
     train_seconds = time.time() - start_time
     # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -341,10 +348,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ evaluation
     results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
-    if args.eval_split:
+    if eval_examples:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
-        print0(f"held-out: loss {results['eval/loss']:.4f} nats per completion token")
 
     # ------------------------------------------------------------------ save
     save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes
@@ -364,6 +370,8 @@ if __name__ == "__main__":
         start = sample_eval(load_starting_policy(), None, *sampling)
         end = sample_eval(load_model(args.output_dir, device), None, *sampling)
         results.update(starting_policy=start, trained_policy=end)
+        runs = (("starting", start), ("trained", end))
+        metrics_log.log_samples(step, [{"policy": name, **r} for name, run in runs for r in run["examples"]])
         print0(
             f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} "
             f"(+-{start['reward_stderr']:.3f}) -> trained policy {end['reward']:.3f} (+-{end['reward_stderr']:.3f})"
@@ -371,5 +379,6 @@ if __name__ == "__main__":
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
+    metrics_log.finish(results)  # the final line: the last training loss and the held-out metrics; closes the tracker
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from common import (
     MetricsLog,
@@ -64,12 +63,14 @@ class Args:
     """hub id, local folder, or .json/.jsonl/.parquet file of {"prompt", "chosen", "rejected"} rows"""
     train_split: str = "train"
     """split to train on"""
-    eval_split: str = "test"
-    """held-out split for evaluation ('' to skip)"""
+    eval_split: Optional[str] = None
+    """held-out split for evaluation ('' skips; None: 'test', skipped with a note where the data has none)"""
     output_dir: str = "runs/tr_dpo"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
     """seed of the data order (the same on every rank) and of sampling (offset by the rank)"""
+    dropout: bool = False
+    """keep the model's dropout on in training (else off, so that the policy starts equal to the reference)"""
 
     # --- algorithm ---
     beta: float = 0.1
@@ -119,6 +120,13 @@ class Args:
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
 
+    report_to: Literal["none", "trackio", "wandb"] = "none"
+    """experiment tracker to send the arguments, every metrics line and the results to (rank 0; pip install it)"""
+    run_name: str = ""
+    """name of the run in the tracker ('': the script's name and the start time)"""
+    project: str = "alignment"
+    """project of the run in the tracker"""
+
     # --- checkpoints ---
     save_every: int = 0
     """write a checkpoint every this many optimizer steps (0: never)"""
@@ -129,9 +137,9 @@ class Args:
 
     # --- hardware ---
     bf16: Optional[bool] = None
-    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+    """bf16 autocast (None: on for GPUs that support it, off on CPU)"""
     gradient_checkpointing: Optional[bool] = None
-    """recompute activations in the backward pass to save memory (default: on for GPU)"""
+    """recompute activations in the backward pass to save memory (None: on for GPU)"""
     fsdp: bool = False
     """with several processes, shard the models per decoder layer (FSDP2) instead of replicating them (DDP)"""
     lora_r: int = 0
@@ -222,9 +230,9 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
     train_rows = load_rows(args.dataset, args.train_split, "pairwise")
-    eval_rows = load_rows(args.dataset, args.eval_split, "pairwise") if args.eval_split else []
+    eval_rows = load_rows(args.dataset, args.eval_split, "pairwise") if args.eval_split != "" else []
     fields, lengths = ["chosen", "rejected"], (args.max_length, args.max_prompt_length)
-    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split}]"
+    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
     train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
@@ -240,7 +248,7 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    policy = load_model(args.model_name, device).train()  # (from_pretrained's eval mode skips gradient checkpointing)
+    policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)
     reference = load_model(args.model_name, device).eval()  # it moves towards the policy: a copy, even with LoRA
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -316,8 +324,7 @@ if __name__ == "__main__":
     step = 0
     if args.resume_from:
         step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
-    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
+    metrics_log = MetricsLog(args, master_process, step, total_steps, show=("loss", "rewards/accuracies"))
     start_time = time.time()
 
     def save_state():
@@ -363,6 +370,7 @@ if __name__ == "__main__":
                 f"stopped before updating the weights. The last good state (after step {step}) is saved in {path}. "
                 f"Lower --learning-rate or --max-grad-norm, check the data of this step, then --resume-from {path}"
             )
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -371,18 +379,15 @@ if __name__ == "__main__":
 
         tokens, count = sums.pop("tokens"), sums.pop("count")
         metrics = {"step": step, "epoch": epoch, **{name: value / count for name, value in sums.items()}}
-        metrics["learning_rate"], metrics["grad_norm"] = scheduler.get_last_lr()[0], grad_norm
+        metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
         if step % args.ref_sync_steps == 0:  # TR-DPO: the reference moves towards the policy (2404.09656)
             metrics["ref/param_distance"] = update_reference(model, reference, args.ref_mixup_alpha)
-        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+        if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())
         metrics_log.log(metrics)
         if args.save_every > 0 and step % args.save_every == 0:
             save_state()
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-    progress.close()
     train_seconds = time.time() - start_time
     # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -390,10 +395,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ evaluation
     results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
-    if args.eval_split:
+    if eval_examples:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
-        print0("held-out:", ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items() if "eval/" in k and v is not None))
 
     # ------------------------------------------------------------------ save
     save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes
@@ -409,8 +413,10 @@ if __name__ == "__main__":
         sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
         sampling = (*sampling, args.seed, device, bf16)
         results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
+    metrics_log.finish(results)  # the final line: the last training loss and the held-out metrics; closes the tracker
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from common import (
     MetricsLog,
@@ -65,15 +64,17 @@ class Args:
     model_name: str = "toy/sft-policy"
     """hub id or local path of the starting policy (usually SFT), where the reference starts"""
     dataset: Optional[str] = None
-    """hub id, local folder, or .json/.jsonl/.parquet file of rows for --feedback (default: toy/data/<feedback>)"""
+    """hub id, local folder, or .json/.jsonl/.parquet file of rows for --feedback (None: toy/data/<feedback>)"""
     train_split: str = "train"
     """split to train on"""
-    eval_split: str = "test"
-    """held-out split for evaluation ('' to skip)"""
+    eval_split: Optional[str] = None
+    """held-out split for evaluation ('' skips; None: 'test', skipped with a note where the data has none)"""
     output_dir: str = "runs/una_offline"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
     """seed of the data order (the same on every rank) and of sampling (offset by the rank)"""
+    dropout: bool = False
+    """keep the model's dropout on in training (else off, so that the policy starts equal to the reference)"""
 
     # --- algorithm ---
     feedback: Literal["pairwise", "binary", "score"] = "score"
@@ -83,11 +84,11 @@ class Args:
     loss: Literal["mse", "bce"] = "mse"
     """binary feedback: mse (Eq. 11) or bce (Eq. 12) of s_theta to the label; pairwise uses Eq. 10, score mse"""
     score_range: Optional[Tuple[float, float]] = None
-    """score feedback: LOW HIGH of the raw scores, normalized into [0, 1] (default: scores already in [0, 1])"""
+    """score feedback: LOW HIGH of the raw scores, normalized into [0, 1] (None: scores already in [0, 1])"""
 
     # --- optimizer ---
     learning_rate: Optional[float] = None
-    """peak learning rate of AdamW (default: 1e-5, 6e-5 for score feedback; the paper: 5e-6, 3e-5 for score)"""
+    """peak learning rate of AdamW (None: 1e-5, 6e-5 for score feedback; the paper: 5e-6, 3e-5 for score)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
@@ -121,6 +122,13 @@ class Args:
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
 
+    report_to: Literal["none", "trackio", "wandb"] = "none"
+    """experiment tracker to send the arguments, every metrics line and the results to (rank 0; pip install it)"""
+    run_name: str = ""
+    """name of the run in the tracker ('': the script's name and the start time)"""
+    project: str = "alignment"
+    """project of the run in the tracker"""
+
     # --- checkpoints ---
     save_every: int = 0
     """write a checkpoint every this many optimizer steps (0: never)"""
@@ -131,9 +139,9 @@ class Args:
 
     # --- hardware ---
     bf16: Optional[bool] = None
-    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+    """bf16 autocast (None: on for GPUs that support it, off on CPU)"""
     gradient_checkpointing: Optional[bool] = None
-    """recompute activations in the backward pass to save memory (default: on for GPU)"""
+    """recompute activations in the backward pass to save memory (None: on for GPU)"""
     fsdp: bool = False
     """with several processes, shard the models per decoder layer (FSDP2) instead of replicating them (DDP)"""
     lora_r: int = 0
@@ -174,11 +182,12 @@ def forward_completions(model, batch):
 def load_feedback(dataset, split, feedback, score_range, seed):
     """Rows of one split checked for `feedback`, and each row's target s_phi ((1, 0) for a pair: chosen, rejected).
     Binary feedback on pairs (told by the columns) unpairs them: chosen -> 1, rejected -> 0, shuffled."""
-    if feedback == "binary" and {"chosen", "rejected"} <= load_rows(dataset, split, "prompts")[0].keys():
+    rows = load_rows(dataset, split, "prompts")  # (none: the default held-out split, and the data has none)
+    if rows and feedback == "binary" and {"chosen", "rejected"} <= rows[0].keys():
         rows = [{"prompt": r["prompt"], "completion": r[f], "label": f == "chosen"}
                 for r in load_rows(dataset, split, "pairwise") for f in ("chosen", "rejected")]
         random.Random(seed).shuffle(rows)  # so that a batch is not all one label
-    else:
+    elif rows:
         rows = load_rows(dataset, split, feedback)
     if feedback != "score":
         return rows, [float(r["label"]) if feedback == "binary" else (1.0, 0.0) for r in rows]
@@ -253,9 +262,10 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_name)
     feedback = (args.feedback, args.score_range, args.seed)
     train_rows, train_targets = load_feedback(args.dataset, args.train_split, *feedback)
-    eval_rows, eval_targets = load_feedback(args.dataset, args.eval_split, *feedback) if args.eval_split else ([], [])
+    no_eval = args.eval_split == ""
+    eval_rows, eval_targets = ([], []) if no_eval else load_feedback(args.dataset, args.eval_split, *feedback)
     fields, lengths = ["chosen", "rejected"] if pairwise else ["completion"], (args.max_length, args.max_prompt_length)
-    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split}]"
+    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
     train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     for example, target in zip(train_examples + eval_examples, train_targets + eval_targets):
@@ -276,7 +286,7 @@ if __name__ == "__main__":
     # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
     # itself with its adapter switched off (peft's disable_adapter), which is the base model; with
     # --precompute-ref-logprobs none: the policy scores the data before it trains (below)
-    policy = load_model(args.model_name, device).train()  # (from_pretrained's eval mode skips gradient checkpointing)
+    policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)
     reference = None if args.lora_r > 0 or args.precompute_ref_logprobs else load_model(args.model_name, device).eval()
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -359,8 +369,7 @@ if __name__ == "__main__":
     step = 0
     if args.resume_from:
         step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
-    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
+    metrics_log = MetricsLog(args, master_process, step, total_steps, show=("loss",))
     start_time = time.time()
 
     def save_state():
@@ -397,6 +406,7 @@ if __name__ == "__main__":
                 f"stopped before updating the weights. The last good state (after step {step}) is saved in {path}. "
                 f"Lower --learning-rate or --max-grad-norm, check the data of this step, then --resume-from {path}"
             )
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -405,16 +415,13 @@ if __name__ == "__main__":
 
         tokens, count = sums.pop("tokens"), sums.pop("count")
         metrics = {"step": step, "epoch": epoch, **metric_means(sums, count)}
-        metrics["learning_rate"], metrics["grad_norm"] = scheduler.get_last_lr()[0], grad_norm
+        metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
-        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+        if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())
         metrics_log.log(metrics)
         if args.save_every > 0 and step % args.save_every == 0:
             save_state()
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-    progress.close()
     train_seconds = time.time() - start_time
     # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -422,10 +429,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ evaluation
     results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
-    if args.eval_split:
+    if eval_examples:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
-        print0("held-out:", ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items() if "eval/" in k and v is not None))
 
     # ------------------------------------------------------------------ save
     save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes
@@ -441,8 +447,10 @@ if __name__ == "__main__":
         sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
         sampling = (*sampling, args.seed, device, bf16)
         results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
+    metrics_log.finish(results)  # the final line: the last training loss and the held-out metrics; closes the tracker
     if dist.is_initialized():
         dist.destroy_process_group()

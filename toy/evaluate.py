@@ -103,8 +103,8 @@ def compare_policies(trained, starting, tokenizer, rows, num_prompts, samples_pe
     """The end-of-run evaluation of a training script: the saved trained policy (a folder) and the
     starting policy (its reference), sampled on the first `num_prompts` held-out prompts of `rows`.
     Each rank loads both whole and samples its share. Returns {"starting_policy", "trained_policy"}
-    (sample_eval's summaries; the trained one's KL is to the starting policy), or {} when the
-    prompts are not the built-in task's."""
+    (sample_eval's summaries; the trained one's KL is to the starting policy) and "samples" (both
+    policies' examples), or {} when the prompts are not the built-in task's."""
     prompts = unique_prompts(rows)[:num_prompts]
     if not prompts or not all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
         return {}
@@ -116,4 +116,5 @@ def compare_policies(trained, starting, tokenizer, rows, num_prompts, samples_pe
         f"(+-{start['reward_stderr']:.3f}) -> trained policy {end['reward']:.3f} (+-{end['reward_stderr']:.3f}), "
         f"KL to reference {end['kl']:.2f} nats"
     )
-    return {"starting_policy": start, "trained_policy": end}
+    samples = [{"policy": name, **r} for name, run in (("starting", start), ("trained", end)) for r in run["examples"]]
+    return {"starting_policy": start, "trained_policy": end, "samples": samples}
