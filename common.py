@@ -555,9 +555,8 @@ def lr_lambda(scheduler, warmup_steps, total_steps):
 class MetricsLog:
     """Where a run's numbers go, on rank 0 (`enabled`): one JSON object per line in <output_dir>/metrics.jsonl,
     the progress (a bar on a terminal; in a log file a plain line every tenth of the run), and with
-    args.report_to "trackio" or "wandb" the same values in that tracker, imported only then, with the
-    arguments as the run's config. A run resumed at `start_step` into the same folder keeps the lines
-    (and samples) of the steps up to start_step."""
+    args.report_to "trackio" or "wandb" that tracker (imported only then; the arguments are the run's
+    config). A run resumed at `start_step` into the same folder keeps the lines of the steps up to it."""
 
     def __init__(self, args, enabled, start_step, total_steps, show=("loss",)):
         self.enabled, self.show, self.total, self.step, self.last = enabled, show, total_steps, start_step, {}
@@ -565,19 +564,15 @@ class MetricsLog:
         if not enabled:
             return
         self.paths = [Path(args.output_dir) / name for name in ("metrics.jsonl", "samples.jsonl")]
-        for path in self.paths:  # drop what a resumed run will write again
+        for path in self.paths:  # a resumed run writes the later steps again
             lines = open(path).readlines() if start_step > 0 and path.exists() else []
-            with open(path, "w") as f:
-                f.writelines(x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step)
-        self.file = open(self.paths[0], "a")
+            path.write_text("".join(x for x in lines if x.strip() and json.loads(x)["step"] <= start_step))
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=self.script)
         if args.report_to != "none":  # trackio and wandb share init, log, Table and finish
-            import importlib
-
-            self.tracker = importlib.import_module(args.report_to)
+            self.tracker = __import__(args.report_to)
             name = args.run_name or f"{Path(self.script).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
             self.tracker.init(project=args.project, name=name, config=vars(args))
 
@@ -585,8 +580,8 @@ class MetricsLog:
         """One step's metrics (or the held-out ones), {"step": N, name: number}: to the file, tracker and progress."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
+        with open(self.paths[0], "a") as f:
+            f.write(json.dumps(metrics) + "\n")
         if self.tracker is not None:
             self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         self.last.update(metrics)
@@ -599,37 +594,31 @@ class MetricsLog:
         self.step = max(self.step, step)
 
     def log_samples(self, step, samples):
-        """Sampled completions, a list of {"prompt", "completion", "reward", ...}: appended to
-        <output_dir>/samples.jsonl with their step, and a table in the tracker."""
+        """Sampled completions ({"prompt", "completion", "reward", ...} each): to <output_dir>/samples.jsonl with
+        their step, and a table in the tracker."""
         if not self.enabled or not samples:
             return
         with open(self.paths[1], "a") as f:
             f.writelines(json.dumps({"step": step, **s}) + "\n" for s in samples)
         if self.tracker is not None:
-            cell = lambda v: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
-            table = [[cell(v) for v in s.values()] for s in samples]
-            self.tracker.log({"samples": self.tracker.Table(columns=list(samples[0]), data=table)}, step=step)
+            cell = lambda v: v if isinstance(v, (str, int, float)) else json.dumps(v)  # a prompt of messages: JSON
+            table = self.tracker.Table(columns=list(samples[0]), data=[[cell(v) for v in s.values()] for s in samples])
+            self.tracker.log({"samples": table}, step=step)
 
     def finish(self, results):
-        """The end of the run: the last training step's loss and the held-out metrics as the final line,
-        and the results (numbers, nested ones named a/b) to the tracker."""
+        """The final line (the last training loss, the held-out metrics), and the results' numbers to the tracker."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.close()
-        flat = {}
-        for key, value in results.items():
-            for k, v in (value.items() if isinstance(value, dict) else [("", value)]):
-                if isinstance(v, (int, float)) and v is not None:
-                    flat[f"{key}/{k}" if k else key] = v
-        held_out = ", ".join(f"{k[5:]} {v:.4f}" for k, v in flat.items() if k.startswith("eval/"))
-        loss = f"{self.last['loss']:.4f}" if isinstance(self.last.get("loss"), float) else "n/a"
-        print(f"{self.script} done: {self.step} steps in {results.get('train_seconds', 0):.0f} s; last training "
-              f"loss {loss}" + (f"; held-out {held_out}" if held_out else ""), flush=True)
+        nested = {f"{k}/{n}": v for k, d in results.items() if isinstance(d, dict) for n, v in d.items()}
+        numbers = {k: v for k, v in {**results, **nested}.items() if isinstance(v, (int, float))}
+        held_out = ", ".join(f"{k[5:]} {v:.4f}" for k, v in numbers.items() if k.startswith("eval/"))
+        print(f"{self.script} done: {self.step} steps in {results['train_seconds']:.0f} s; last training loss "
+              f"{self.last.get('loss', math.nan):.4f}" + (f"; held-out {held_out}" if held_out else ""), flush=True)
         if self.tracker is not None:
-            self.tracker.log({f"final/{k}": v for k, v in flat.items()}, step=self.step)
+            self.tracker.log({f"final/{k}": v for k, v in numbers.items()}, step=self.step)
             self.tracker.finish()
-        self.file.close()
 
 
 def save_model(model, tokenizer, output_dir):

@@ -106,7 +106,6 @@ class Args:
     """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
-
     report_to: Literal["none", "trackio", "wandb"] = "none"
     """experiment tracker to send the arguments, every metrics line and the results to (rank 0; pip install it)"""
     run_name: str = ""

@@ -119,7 +119,6 @@ class Args:
     """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
-
     report_to: Literal["none", "trackio", "wandb"] = "none"
     """experiment tracker to send the arguments, every metrics line and the results to (rank 0; pip install it)"""
     run_name: str = ""
@@ -153,12 +152,13 @@ class Args:
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
-             loss_type, label_smoothing):
+             loss_type, label_smoothing, chosen_lengths=1, rejected_lengths=1):
     """DPO / cDPO / IPO loss of a batch of pairs.
 
-    Each argument is a (B,) tensor of log pi(y|x) summed over completion tokens (for IPO,
-    averaged over them). Returns (losses, chosen_rewards, rejected_rewards), each (B,); the
-    rewards are the implicit rewards beta * (log pi - log ref), detached.
+    Each *_logps argument is a (B,) tensor of log pi(y|x) summed over completion tokens; IPO's
+    loss divides the log-ratios by the completions' token counts (*_lengths, (B,)). Returns
+    (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are the implicit rewards
+    beta * (log pi - log ref) of the summed log-probs, detached, for every loss type.
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,) rho(x, y_w)
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,) rho(x, y_l)
@@ -167,7 +167,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         # Eq. 7 of 2305.18290; with label smoothing eps, the conservative DPO loss
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     else:
-        # Eq. 17 of 2310.12036: regress h onto 1 / (2 beta)
+        # Eq. 17 of 2310.12036 on length-averaged log-probs: regress their h onto 1 / (2 beta)
+        h = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths  # (B,)
         losses = (h - 1 / (2 * beta)) ** 2
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
@@ -188,11 +189,9 @@ def update_reference(policy, reference, alpha):
     return torch.stack([torch.linalg.vector_norm(theta[n] - p) for n, p in reference.named_parameters()]).norm().item()
 
 
-def forward_pairs(model, batch, loss_type):
+def forward_pairs(model, batch):
     """Log-probs (B,) of chosen and rejected in one forward pass over the 2B concatenated rows."""
-    logps, num_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
-    if loss_type == "ipo":
-        logps = logps / num_tokens
+    logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
     B = len(logps) // 2
     return logps[:B], logps[B:]
 
@@ -279,12 +278,13 @@ if __name__ == "__main__":
     def make_batch(examples):
         """The padded batch of `examples` on the device (2B rows: chosen, then rejected)."""
         batch = collate_pairs(examples, tokenizer.pad_token_id)
+        batch["lengths"] = torch.tensor([[len(e["chosen_ids"]), len(e["rejected_ids"])] for e in examples])  # (B, 2)
         return {k: v.to(device) for k, v in batch.items()}
 
     @torch.no_grad()
     def reference_pairs(batch):
         """The reference's log-probs (B,) of chosen and rejected."""
-        return forward_pairs(reference, batch, args.loss_type)
+        return forward_pairs(reference, batch)
 
     def evaluate():
         """Held-out metrics, split over the ranks. Every rank runs as many batches (FSDP's forward is
@@ -297,11 +297,11 @@ if __name__ == "__main__":
                 indices = [(b * world_size + rank) * B + i for i in range(B)]
                 batch = make_batch([eval_examples[i % len(eval_examples)] for i in indices])
                 counted = torch.tensor([i < len(eval_examples) for i in indices], device=device)  # (B,)
-                policy_chosen_logps, policy_rejected_logps = forward_pairs(model, batch, args.loss_type)
+                policy_chosen_logps, policy_rejected_logps = forward_pairs(model, batch)
                 reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    args.beta, args.loss_type, args.label_smoothing,
+                    args.beta, args.loss_type, args.label_smoothing, *batch["lengths"].unbind(-1),
                 )
                 margins = (chosen_rewards - rejected_rewards)[counted]
                 for name, value in {
@@ -339,11 +339,11 @@ if __name__ == "__main__":
             batch = make_batch([train_examples[i] for i in indices])
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
-                policy_chosen_logps, policy_rejected_logps = forward_pairs(policy, batch, args.loss_type)
+                policy_chosen_logps, policy_rejected_logps = forward_pairs(policy, batch)
                 reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    args.beta, args.loss_type, args.label_smoothing,
+                    args.beta, args.loss_type, args.label_smoothing, *batch["lengths"].unbind(-1),
                 )
                 (losses.mean() / args.gradient_accumulation_steps).backward()
             for name, value in {

@@ -39,6 +39,17 @@ def test_ipo_loss_by_hand():
     assert losses.tolist() == pytest.approx([12.25, 49.0], abs=1e-5)
 
 
+def test_ipo_averages_over_lengths_but_its_rewards_are_summed():
+    # chosen lengths 2 and 4, rejected 1 and 2: length-averaged log-ratios 1/2 - (-0.5)/1 = 1 and -1/4 - 1/2 = -0.75
+    lengths = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 2.0])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, "ipo", 0.0, *lengths
+    )
+    assert losses.tolist() == pytest.approx([(1 - 5) ** 2, (-0.75 - 5) ** 2], abs=1e-5)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1], abs=1e-6)  # beta * summed log-ratio, as in DPO
+    assert rejected_rewards.tolist() == pytest.approx([-0.05, 0.1], abs=1e-6)
+
+
 def test_gradient_pushes_chosen_up_and_rejected_down():
     policy_chosen = POLICY_CHOSEN.clone().requires_grad_(True)
     policy_rejected = POLICY_REJECTED.clone().requires_grad_(True)
