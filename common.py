@@ -11,7 +11,6 @@ import os
 import random
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -460,26 +459,13 @@ def sequence_logps(model, input_ids, attention_mask, labels, chunk_size=256):
 
     input_ids, attention_mask, labels: (B, T); labels are IGNORE_INDEX where not scored. Returns
     (logps, num_tokens), both (B,). Exact for left and right padding (position ids count real
-    tokens only). The (B, T, V) logits never exist: the output layer runs on the N scored positions
-    only, `chunk_size` at a time in fp32, each chunk's logits recomputed in backward."""
+    tokens only). The (B, T, V) logits never exist: for this call the output layer (tied to the input
+    embeddings or not; inside DDP's or LoRA's wrapper) returns the log-probs (N,) of the N scored tokens,
+    `chunk_size` at a time in fp32, each chunk's logits recomputed in backward. It runs inside the model's
+    forward, where FSDP has gathered the output layer's weights."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at the first real token
     targets = labels[:, 1:]  # (B, T-1): the hidden state at position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (B, T-1)
-    with _output_layer_scores(model, mask, targets[mask], chunk_size) as scores:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    token_logps = outputs.logits  # (N,): what the output layer returned
-    if token_logps is not scores[0]:
-        raise NotImplementedError(f"{type(model).__name__} changes its output layer's logits: it needs a case here")
-    rows = mask.nonzero()[:, 0]  # (N,): which sequence each scored token belongs to
-    logps = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)  # (B,)
-    return logps, mask.sum(-1)
-
-
-@contextmanager
-def _output_layer_scores(model, mask, targets, chunk_size):
-    """For one forward pass, the output layer returns log pi(targets) (N,) at the positions `mask` (B, T-1)
-    instead of the logits (B, T, V). It runs inside the model's forward, where FSDP has gathered its
-    weights (tied with the input embeddings or not); LoRA's wrapper and DDP's are looked through."""
     inner = getattr(model, "module", model)  # the model inside DDP
     head, config = inner.get_output_embeddings(), inner.config
     layer, cap = head.forward, getattr(config, "final_logit_softcapping", None)  # Gemma 2: cap tanh(logits / cap)
@@ -489,26 +475,31 @@ def _output_layer_scores(model, mask, targets, chunk_size):
         logits = cap * torch.tanh(logits / cap) if cap else logits
         return -F.cross_entropy(logits, chunk_targets, reduction="none")
 
-    def scores(hidden):  # (B, T, H) -> (N,)
-        hidden = hidden[:, :-1][mask]  # (N, H)
-        chunks = [checkpoint(chunk_logps, hidden[i : i + chunk_size], targets[i : i + chunk_size], use_reentrant=False)
+    def scored_output_layer(hidden):  # (B, T, H) -> (N,)
+        hidden, scored = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,)
+        chunks = [checkpoint(chunk_logps, hidden[i : i + chunk_size], scored[i : i + chunk_size], use_reentrant=False)
                   for i in range(0, len(hidden), chunk_size)]  # fmt: skip
         returned.append(torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32))
-        return returned[0]
+        return returned[-1]
 
-    returned, had_forward = [], "forward" in vars(head)
-    head.forward = scores
+    returned, own_forward = [], "forward" in vars(head)
+    head.forward = scored_output_layer
     if cap:
         config.final_logit_softcapping = None  # applied to each chunk above, not again after the output layer
     try:
-        yield returned
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
-        if had_forward:
-            head.forward = layer
-        else:
-            del head.forward
+        head.forward = layer
+        if not own_forward:
+            del head.forward  # the class's forward again
         if cap:
             config.final_logit_softcapping = cap
+    token_logps = outputs.logits  # (N,): what the output layer returned
+    if token_logps is not returned[-1]:
+        raise NotImplementedError(f"{type(model).__name__} changes its output layer's logits: it needs a case here")
+    rows = mask.nonzero()[:, 0]  # (N,): which sequence each scored token belongs to
+    logps = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)  # (B,)
+    return logps, mask.sum(-1)
 
 
 # ----------------------------------------------------------------------------------------

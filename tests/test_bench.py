@@ -36,3 +36,22 @@ def test_bench_runs_dpo_kto_and_una_online_and_reports(tmp_path):
     for text in ("step/bound", "una_online: generation", "faster per step than with a live reference"):
         assert text in proc.stdout
     assert "pack" not in proc.stdout
+
+
+def test_baseline_logps_replaces_sequence_logps_in_the_children_and_is_compared(tmp_path, capsys):
+    """--baseline-logps: a child runs with the file's sequence_logps in common (as the scripts import it),
+    and the report compares each run with its baseline twin (peak memory and step time)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench
+
+    baseline = tmp_path / "old_common.py"
+    baseline.write_text("def sequence_logps(*args):\n    return 'old'\n")
+    code = "from tools import bench; from common import sequence_logps; print('it is', sequence_logps())"
+    ok, _ = bench.run_child(code, tmp_path / "log", str(baseline))
+    assert ok and "it is old" in (tmp_path / "log").read_text()
+    ok, _ = bench.run_child("from tools import bench; import common; print(common.sequence_logps.__module__)", tmp_path / "log")
+    assert ok and (tmp_path / "log").read_text().split()[-1] == "common"
+    row = lambda name, mb, s, base="": {"name": name, "ok": True, "baseline": base, "step_peak_memory_mb": mb,  # noqa: E731
+                                         "step_seconds": s, "args": [], "script": "dpo", "same_batches": None}
+    bench.report_baseline([row("dpo", 600.0, 1.1), row("dpo [baseline]", 1000.0, 1.0, str(baseline))])
+    assert "peak memory 600 MB vs 1000 MB (0.60x), step time 1100 ms vs 1000 ms (1.10x)" in capsys.readouterr().out

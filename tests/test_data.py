@@ -67,8 +67,8 @@ def test_tokenization_appends_eos_and_counts_truncation(tiny):
     stats = TruncationStats()
     examples = tokenize_examples(tokenizer, rows, ["completion"], max_length=12, max_prompt_length=6, stats=stats)
     first = examples[0]
-    # the prompt (BOS + 9 words) keeps its last 6 tokens; the completion gets EOS appended
-    assert tokenizer.convert_ids_to_tokens(first["prompt_ids"]) == ["positive", "review", "of", "the", "pizza", ":"]
+    # the prompt (BOS + 9 words) keeps its BOS and its last 5 tokens; the completion gets EOS appended
+    assert tokenizer.convert_ids_to_tokens(first["prompt_ids"]) == ["<bos>", "review", "of", "the", "pizza", ":"]
     assert first["completion_ids"][-1] == tokenizer.eos_token_id
     assert tokenizer.decode(first["completion_ids"], skip_special_tokens=True) == "the pizza was great ."
     # the second completion (13 tokens with EOS) is cut to the 6 tokens left

@@ -37,6 +37,9 @@ Run:
     python tools/bench.py --scripts dpo kto --steps 10 --batch-size 16 --seq-len 512    # a GPU
     python tools/bench.py --model-name Qwen/Qwen2-0.5B-Instruct --batch-size 8 --seq-len 1024 --json-out bench.json
     python tools/bench.py --variants "dpo --loss-type ipo" --scripts dpo
+    git show HEAD:common.py > /tmp/old_common.py   # a change to the log-probs against the committed ones:
+    python tools/bench.py --scripts dpo --precompute-variants --vocab-size 128256 --num-layers 4 --batch-size 4 \
+        --seq-len 256 --statistic min --baseline-logps /tmp/old_common.py
 
 Outputs: the tables on stdout; with --json-out, every measurement (each step's seconds too) as
 JSON. The runs' folders are kept in --work-dir. On a CPU that other jobs share, step times
@@ -77,6 +80,8 @@ class Args:
     """summary of the timed steps: median, or min (steadier on a machine that others load)"""
     precompute_variants: Tuple[str, ...] = ("dpo", "kto", "una_offline")
     """scripts also run with --precompute-ref-logprobs (among --scripts)"""
+    baseline_logps: str = ""
+    """a file whose sequence_logps every run repeats with (git show HEAD:common.py > /tmp/old.py), compared"""
 
     # --- model ---
     model_name: str = ""
@@ -98,9 +103,9 @@ class Args:
 
     # --- hardware ---
     bf16: Optional[bool] = None
-    """passed to every script and used by the bound (default: the scripts' default, on for GPUs that support it)"""
+    """passed to every script and used by the bound (None: the scripts' default, on for GPUs that support it)"""
     gradient_checkpointing: Optional[bool] = None
-    """passed to every script and used by the bound (default: the scripts' default, on for GPU)"""
+    """passed to every script and used by the bound (None: the scripts' default, on for GPU)"""
     peak_tflops: float = 0.0
     """GPU peak TFLOPS for MFU (0: the dense bf16 or fp32 peak of a known GPU, by its name)"""
 
@@ -347,9 +352,24 @@ def child_bound(spec):
     Path(spec["out"]).write_text(json.dumps(result))
 
 
-def run_child(code, log_path):
-    """Run `python -c code` from the repository root; returns (ok, seconds). Output goes to log_path."""
+def load_file(path):
+    """The Python file `path` as a module (an earlier common.py, for its sequence_logps)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_child(code, log_path, baseline=""):
+    """Run `python -c code` from the repository root, with common.sequence_logps replaced by the file
+    `baseline`'s where given (before the scripts import it); returns (ok, seconds). Output goes to log_path."""
     start = time.time()
+    if baseline:
+        load = f"import common; common.sequence_logps = bench.load_file({str(Path(baseline).resolve())!r}).sequence_logps; "
+        load += f"print('sequence_logps of', {baseline!r}); "
+        code = code.replace("; ", "; " + load, 1)
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
     return proc.returncode == 0, time.time() - start
@@ -366,14 +386,15 @@ def has_field(script, name):
     return any(f.name == name for f in fields(importlib.import_module(script).Args))
 
 
-def measure(args, name, script, extra, model, data, reward_model, work):
-    """The step and bound measurements of one configuration (a script, maybe with extra args)."""
+def measure(args, name, script, extra, model, data, reward_model, work, baseline=""):
+    """The step and bound measurements of one configuration (a script, maybe with extra args), with the
+    sequence_logps of the file `baseline` ('': the repository's)."""
     summary = statistics.median if args.statistic == "median" else min
     run_dir = work / "runs" / name.replace(" ", "_").replace("/", "_")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {"script": f"{script}.py", "args": script_args(args, script, model, data, reward_model, run_dir / "out") + extra, "memory_out": str(run_dir / "memory.json")}
-    ok, wall = run_child(f"from tools import bench; bench.child_run_script({json.dumps(spec)!r})", run_dir / "step.log")
-    row = {"name": name, "script": script, "args": spec["args"], "ok": ok, "wall_seconds": wall}
+    ok, wall = run_child(f"from tools import bench; bench.child_run_script({json.dumps(spec)!r})", run_dir / "step.log", baseline)
+    row = {"name": name, "script": script, "args": spec["args"], "ok": ok, "wall_seconds": wall, "baseline": baseline}
     if not ok:
         row["error"] = (run_dir / "step.log").read_text()[-2000:]
         return row
@@ -399,7 +420,7 @@ def measure(args, name, script, extra, model, data, reward_model, work):
     if script == "una_online":  # the warm-up steps' samples come first
         bound_spec["completion_lengths"] = [bound_spec["completion_lengths"][0]] * args.warmup_steps * args.batch_size + bound_spec["completion_lengths"]
     out = run_dir / "bound.json"
-    ok, _ = run_child(f"from tools import bench; bench.child_bound({json.dumps({**bound_spec, 'out': str(out)})!r})", run_dir / "bound.log")
+    ok, _ = run_child(f"from tools import bench; bench.child_bound({json.dumps({**bound_spec, 'out': str(out)})!r})", run_dir / "bound.log", baseline)
     if not ok:
         row.update(ok=False, error=(run_dir / "bound.log").read_text()[-2000:])
         return row
@@ -496,6 +517,20 @@ def report(args, rows):
                 f"{r['name']}: {live['step_seconds'] / r['step_seconds']:.2f}x faster per step than with a live reference (target >= 1.3), "
                 f"peak memory {r['step_peak_memory_mb']:.0f} MB vs {live['step_peak_memory_mb']:.0f} MB"
             )
+    report_baseline(ok)
+
+
+def report_baseline(ok):
+    """Each run against its twin with --baseline-logps: peak memory and step time, and their ratios."""
+    base = {r["name"]: r for r in ok}
+    for r in ok:
+        if r["baseline"] and r["name"].removesuffix(" [baseline]") in base:
+            new = base[r["name"].removesuffix(" [baseline]")]
+            print(
+                f"\n{new['name']} against the same with the sequence_logps of {r['baseline']}: peak memory {new['step_peak_memory_mb']:.0f} MB vs "
+                f"{r['step_peak_memory_mb']:.0f} MB ({new['step_peak_memory_mb'] / r['step_peak_memory_mb']:.2f}x), step time "
+                f"{new['step_seconds'] * 1e3:.0f} ms vs {r['step_seconds'] * 1e3:.0f} ms ({new['step_seconds'] / r['step_seconds']:.2f}x)"
+            )
 
 
 def main(args):
@@ -515,11 +550,13 @@ def main(args):
     configs = [(s, s, []) for s in args.scripts]
     configs += [(s, f"{s} --precompute-ref-logprobs", ["--precompute-ref-logprobs"]) for s in args.scripts if s in args.precompute_variants and has_field(s, "precompute_ref_logprobs")]
     configs += [(v.split()[0], v, v.split()[1:]) for v in args.variants]
+    if args.baseline_logps:  # each configuration, then the same with the earlier sequence_logps
+        configs = [c for s, n, e in configs for c in ((s, n, e, ""), (s, f"{n} [baseline]", e, args.baseline_logps))]
     rows = []
-    for script, name, extra in configs:
+    for script, name, extra, *baseline in configs:
         if script not in SCRIPTS:
             raise SystemExit(f"unknown script {script!r}; choose from {', '.join(SCRIPTS)}")
-        row = measure(args, name, script, extra, model, work / "data", reward_model, work)
+        row = measure(args, name, script, extra, model, work / "data", reward_model, work, *baseline)
         rows.append(row)
         print(f"{name}: " + (f"step {row['step_seconds'] * 1e3:.1f} ms, bound {row['bound_seconds'] * 1e3:.1f} ms ({time.time() - start:.0f}s so far)" if row["ok"] else "FAILED, see " + str(work / "runs")), flush=True)
     report(args, rows)
