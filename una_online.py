@@ -13,10 +13,12 @@ samples with an explicit reward, and regresses the normalized implicit reward on
 A supervised replacement for PPO: no value model, no advantages, no clipping; the KL to the
 reference is controlled only through beta. How this script departs from the paper and from
 the authors' code:
-  1. The reward defaults to the built-in task's ground truth, already in [0, 1], so it is not
-     put through a sigmoid; a completion that did not end with EOS scores 0 (as in the
-     end-of-run evaluation). `--reward-model` scores with a Hugging Face reward model and
-     normalizes with sigmoid as the paper does, or min-max with `--reward-range`.
+  1. The reward is a Python function (`--reward-fn module:function`, called on a batch:
+     f(prompts, completions) -> floats) or a Hugging Face reward model (`--reward-model`).
+     Either's raw score goes to [0, 1] by sigmoid, as the paper does, or min-max with
+     `--reward-range`. The default is the built-in task's ground truth, `toy.task:rewards`,
+     already in [0, 1] (range 0 1, no sigmoid). A completion cut off at --max-new-tokens is
+     scored as it stands (the built-in task's are ungrammatical, 0).
   2. rho is taken against the frozen reference, as in the paper; the authors' code uses the
      rollout-time policy there (and keeps PPO's value model, which we drop).
   3. `--missing-eos-penalty` (the authors' code: 1.0; ours: 0 by default) is subtracted from
@@ -26,10 +28,13 @@ the authors' code:
 
 Data: the prompts of any dataset; only the "prompt" column is read (plain text or a list of
 messages), so prompts-only, pairwise, binary and score files all work and their other columns
-are ignored.
+are ignored. A reward function gets the prompts as they are, and each completion as text, or
+for a list of messages as [{"role": "assistant", "content": text}]; it returns one finite
+number per sample (one that raises or returns anything else stops the run, naming the row).
 
 Run:
     python una_online.py                               # built-in task, CPU, under a minute
+    python una_online.py --reward-fn my_rewards.py:score --reward-range 0 1 --dataset my_prompts.jsonl
     torchrun --nproc_per_node 8 una_online.py --model-name Qwen/Qwen2-1.5B-Instruct \\
         --dataset trl-lib/ultrafeedback-prompt --reward-model Ray2333/GRM-Gemma-2B-rewardmodel-ft \\
         --beta 0.03 --learning-rate 5e-6 --per-device-batch-size 8 --max-new-tokens 256 \\
@@ -40,8 +45,11 @@ Outputs in --output-dir: metrics.jsonl (one line per step), eval.json, args.json
 trained policy in Hugging Face format (with --lora-r, its LoRA adapter).
 """
 
+import importlib
+import importlib.util
 import json
 import math
+import numbers
 import os
 import resource
 import time
@@ -53,12 +61,11 @@ import torch
 import torch.distributed as dist
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from common import (
     MetricsLog,
     build_batch,
-    collate_completions,
+    end_of_turn_id,
     load_checkpoint,
     load_model,
     load_rows,
@@ -83,20 +90,24 @@ class Args:
     """hub id, local folder, or .json/.jsonl/.parquet file of rows with a "prompt" column (others are ignored)"""
     train_split: str = "train"
     """split to train on"""
-    eval_split: str = "test"
-    """held-out split for evaluation ('' to skip)"""
+    eval_split: Optional[str] = None
+    """held-out split for evaluation ('' skips; None: 'test', skipped with a note where the data has none)"""
     output_dir: str = "runs/una_online"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
     """seed of the data order (the same on every rank) and of sampling (offset by the rank)"""
+    dropout: bool = False
+    """keep the model's dropout on in training (else off, so that the policy starts equal to the reference)"""
 
     # --- algorithm ---
     beta: float = 3.0
     """strength of the KL penalty to the reference: larger stays closer (the paper: 0.03)"""
+    reward_fn: str = ""
+    """module:function or file.py:function, f(prompts, completions) -> floats ('': the task's toy.task:rewards)"""
     reward_model: str = ""
-    """hub id or local path of a one-output sequence-classification reward model ('': the built-in task's reward)"""
+    """hub id or local path of a one-output sequence-classification reward model, instead of a --reward-fn"""
     reward_range: Optional[Tuple[float, float]] = None
-    """LOW HIGH: min-max the raw score to [0, 1], clipped (default: sigmoid for a reward model, 0 1 for the task's)"""
+    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: sigmoid; 0 1 for toy.task:rewards)"""
     missing_eos_penalty: float = 0.0
     """subtracted from the raw score of a sample that did not end with EOS (the authors' code uses 1.0)"""
     updates_per_batch: int = 1
@@ -140,7 +151,13 @@ class Args:
     max_new_tokens: int = 32
     """longest sampled completion, in training and evaluation; one that has not ended by then has no EOS"""
     log_samples_every: int = 50
-    """print a table of training prompts, sampled completions and rewards every this many steps (0: never)"""
+    """append training prompts, sampled completions and rewards to samples.jsonl every this many steps (0: never)"""
+    report_to: Literal["none", "trackio", "wandb"] = "none"
+    """experiment tracker to send the arguments, every metrics line and the results to (rank 0; pip install it)"""
+    run_name: str = ""
+    """name of the run in the tracker ('': the script's name and the start time)"""
+    project: str = "alignment"
+    """project of the run in the tracker"""
 
     # --- checkpoints ---
     save_every: int = 0
@@ -152,9 +169,9 @@ class Args:
 
     # --- hardware ---
     bf16: Optional[bool] = None
-    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+    """bf16 autocast (None: on for GPUs that support it, off on CPU)"""
     gradient_checkpointing: Optional[bool] = None
-    """recompute activations in the backward pass to save memory (default: on for GPU)"""
+    """recompute activations in the backward pass to save memory (None: on for GPU)"""
     fsdp: bool = False
     """with several processes, shard the models per decoder layer (FSDP2) instead of replicating them (DDP)"""
     lora_r: int = 0
@@ -192,18 +209,18 @@ def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
-    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token lists,
-    each cut after its first EOS, and whether each ended with EOS (False: it hit max_new_tokens)."""
+    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token lists, each cut
+    after its first EOS or chat-template end of turn, and whether each ended so (False: it hit max_new_tokens)."""
     batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    eos = tokenizer.eos_token_id
+    stop = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}  # a chat template's end of turn (<|im_end|>) ends it too
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_p=top_p,
         top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
-        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
     )[:, input_ids.shape[1] :].tolist()  # fmt: skip
-    ended = [eos in ids for ids in out]
-    return [ids[: ids.index(eos) + 1] if e else ids for ids, e in zip(out, ended)], ended
+    ends = [next((j for j, t in enumerate(ids) if t in stop), None) for ids in out]
+    return [ids if j is None else ids[: j + 1] for ids, j in zip(out, ends)], [j is not None for j in ends]
 
 
 def load_reward_model(name, device):
@@ -240,6 +257,58 @@ def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, complet
     return texts
 
 
+def load_reward_fn(spec):
+    """The function that --reward-fn names: "module:function" (a module importable from the current
+    folder or the path) or "path/to/file.py:function"."""
+    module_name, _, function_name = spec.rpartition(":")
+    if not module_name or not function_name:
+        raise SystemExit(f"--reward-fn {spec!r}: give module:function, e.g. toy.task:rewards or my_rewards.py:score")
+    try:
+        if module_name.endswith(".py"):
+            found = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, OSError) as e:
+        raise SystemExit(f"--reward-fn {spec!r}: could not import {module_name!r} ({e}); run from the folder that "
+                         "holds it, add it to PYTHONPATH, or give the path of the .py file")
+    reward_fn = getattr(module, function_name, None)
+    if not callable(reward_fn):
+        raise SystemExit(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}")
+    return reward_fn
+
+
+def reward_fn_scores(reward_fn, spec, prompts, completions):
+    """Raw scores (B,) of a reward function for a batch of prompts and completion texts; a completion of a
+    conversation (its prompt a list of messages) is passed as [{"role": "assistant", "content": text}]. A function
+    that raises, returns another number of scores, or a score that is not a finite number stops the run."""
+    completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
+                   for p, c in zip(prompts, completions)]  # fmt: skip
+    try:
+        scores = reward_fn(prompts, completions)
+    except Exception as batch_error:  # noqa: BLE001 (any error of the user's function is reported, with its row)
+        error, row = batch_error, f"a batch of {len(prompts)} rows (first prompt {prompts[0]!r})"
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):  # the first row it fails on alone
+            try:
+                reward_fn([prompt], [completion])
+            except Exception as row_error:  # noqa: BLE001
+                error, row = row_error, f"row {i} of the batch (prompt {prompt!r}, completion {completion!r})"
+                break
+        raise SystemExit(f"--reward-fn {spec}: raised {type(error).__name__}: {error} on {row}; fix the function "
+                         "(run it on that row alone to see the traceback)")
+    scores = scores.tolist() if isinstance(scores, torch.Tensor) else scores
+    if not hasattr(scores, "__len__") or len(scores) != len(prompts):
+        got = f"{len(scores)} scores" if hasattr(scores, "__len__") else repr(scores)
+        raise SystemExit(f"--reward-fn {spec}: returned {got} for a batch of {len(prompts)} rows; "
+                         "it must return one score per completion")
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+            raise SystemExit(f"--reward-fn {spec}: returned {score!r} for row {i} of the batch (prompt {prompts[i]!r}, "
+                             f"completion {completions[i]!r}); each score must be a finite int or float")
+    return torch.tensor([float(score) for score in scores])  # (B,)
+
+
 @torch.no_grad()
 def reward_model_scores(reward_model, reward_tokenizer, texts):
     """Raw scores (B,) of a reward model for a batch of reward_model_texts."""
@@ -270,10 +339,13 @@ if __name__ == "__main__":
             f"--save-every ({args.save_every}) must be a multiple of --updates-per-batch ({args.updates_per_batch}): "
             "a checkpoint is taken when a batch of samples is used up"
         )
-    if not args.reward_model and not args.dataset.startswith("toy/"):
-        raise SystemExit(f"--dataset {args.dataset} is not the built-in task, whose true reward is the default: "
-                         "give a --reward-model")
-    reward_range = args.reward_range or (None if args.reward_model else (0.0, 1.0))  # the true reward is in [0, 1]
+    if args.reward_fn and args.reward_model:
+        raise SystemExit(f"give --reward-fn ({args.reward_fn}) or --reward-model ({args.reward_model}), not both")
+    if not (args.reward_fn or args.reward_model) and not args.dataset.startswith("toy/"):
+        raise SystemExit(f"--dataset {args.dataset} is not the built-in task, whose reward function is the default: "
+                         "give a --reward-model or a --reward-fn module:function")
+    reward_fn_name = args.reward_fn or ("" if args.reward_model else "toy.task:rewards")
+    reward_range = args.reward_range or ((0.0, 1.0) if reward_fn_name == "toy.task:rewards" else None)  # or sigmoid
     if master_process:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -284,9 +356,9 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
     train_rows = load_rows(args.dataset, args.train_split, "prompts")
-    eval_rows = load_rows(args.dataset, args.eval_split, "prompts") if args.eval_split else []
+    eval_rows = load_rows(args.dataset, args.eval_split, "prompts") if args.eval_split != "" else []
     fields, lengths = [], (args.max_prompt_length + args.max_new_tokens, args.max_prompt_length)
-    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split}]"
+    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
     train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
@@ -305,7 +377,7 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ models
     # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
     # itself with its adapter switched off (peft's disable_adapter), which is the base model
-    policy = load_model(args.model_name, device).train()  # (from_pretrained's eval mode skips gradient checkpointing)
+    policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)
     reference = None if args.lora_r > 0 else load_model(args.model_name, device).eval()
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -334,6 +406,8 @@ if __name__ == "__main__":
     model = policy.module if isinstance(policy, DDP) else policy  # the policy without DDP's wrapper
     if args.reward_model:  # whole on every rank: it only scores
         reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
+    else:  # toy/ is imported only when its function is the one named
+        reward_fn = load_reward_fn(reward_fn_name)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup_steps = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
@@ -341,7 +415,8 @@ if __name__ == "__main__":
     def make_batch(examples):
         """The padded batch of `examples` (prompt and sampled completion ids) on the device: labels on the
         completion tokens only, up to and including EOS."""
-        batch = collate_completions(examples, tokenizer.pad_token_id)
+        prompt_ids, completion_ids = [e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples]
+        batch = build_batch(prompt_ids, completion_ids, tokenizer.pad_token_id)
         return {k: v.to(device) for k, v in batch.items()}
 
     @torch.no_grad()
@@ -367,10 +442,8 @@ if __name__ == "__main__":
             texts = reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids)
             with autocast:
                 scores = reward_model_scores(reward_model, reward_tokenizer, texts)  # (B,)
-        else:  # the built-in task's true reward (toy/ is imported only for its own data); 0 without EOS
-            from toy.task import reward
-
-            scores = torch.tensor([reward(p, c) if e else 0.0 for p, c, e in zip(prompts, completions, ended)])
+        else:  # a Python function of the prompts and completions
+            scores = reward_fn_scores(reward_fn, reward_fn_name, prompts, completions)  # (B,)
         scores, ended = scores.to(device), torch.tensor(ended, device=device)  # (B,), (B,)
         # generation is left-padded; the training batch is padded on the right
         batch = make_batch([{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompt_ids, completion_ids)])
@@ -416,8 +489,7 @@ if __name__ == "__main__":
     step = 0
     if args.resume_from:
         step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
-    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
+    metrics_log = MetricsLog(args, master_process, step, total_steps, show=("loss", "reward/mean", "kl"))
     start_time = time.time()
 
     def save_state():
@@ -476,6 +548,7 @@ if __name__ == "__main__":
                 f"stopped before updating the weights. The last good state (after step {step}) is saved in {path}. "
                 f"Lower --learning-rate or --max-grad-norm, check the data of this step, then --resume-from {path}"
             )
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -485,26 +558,21 @@ if __name__ == "__main__":
         tokens, count, squared = sums.pop("tokens"), sums.pop("count"), sums.pop("reward/squared")
         metrics = {"step": step, "epoch": epoch, **{name: value / count for name, value in sums.items()}}
         metrics["reward/std"] = max(0.0, squared / count - metrics["reward/mean"] ** 2) ** 0.5
-        metrics["learning_rate"], metrics["grad_norm"] = scheduler.get_last_lr()[0], grad_norm
+        metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
         # this rank's seconds: sampling (the first step of a batch only), scoring with the reference, training
         metrics["time/generate"] = sum(s["seconds"][0] for s in samples) if new_samples else 0.0
         metrics["time/score"] = sum(s["seconds"][1] for s in samples) if new_samples else 0.0
         metrics["time/train"] = time.time() - train_start
-        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+        if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())
-        if master_process and args.log_samples_every > 0 and (step == 1 or step % args.log_samples_every == 0):
-            sample = samples[0]  # the first micro-batch of rank 0, which this step trained on
-            table = list(zip(sample["scores"].tolist(), sample["prompts"], sample["completions"]))[:6]
-            tqdm.write(f"step {step}, samples (reward | prompt | completion):\n"
-                       + "\n".join(f"  {s:6.3f} | {str(p)[-40:]} | {c[:80]}" for s, p, c in table))
+        if args.log_samples_every > 0 and (step == 1 or step % args.log_samples_every == 0):  # rank 0's samples
+            metrics_log.log_samples(step, [{"prompt": p, "completion": c, "reward": r, "ended": e} for s in samples
+                                           for p, c, r, e in zip(s["prompts"], s["completions"], s["scores"].tolist(),
+                                                                 s["ended"].tolist())])  # fmt: skip
         metrics_log.log(metrics)
         if args.save_every > 0 and step % args.save_every == 0:
             save_state()
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward/mean']:.3f}",
-                             kl=f"{metrics['kl']:.2f}")
-    progress.close()
     train_seconds = time.time() - start_time
     # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -512,10 +580,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ evaluation
     results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
-    if args.eval_split:
+    if eval_examples:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
-        print0(f"held-out: reward {results['eval/reward']:.3f}, KL {results['eval/kl']:.2f} (one sample per row)")
 
     # ------------------------------------------------------------------ save
     save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes
@@ -531,8 +598,10 @@ if __name__ == "__main__":
         sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
         sampling = (*sampling, args.seed, device, bf16)
         results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
+    metrics_log.finish(results)  # the final line: the last training loss and the held-out metrics; closes the tracker
     if dist.is_initialized():
         dist.destroy_process_group()
