@@ -5,7 +5,8 @@ from each checkpoint, with the same seed for every model, and report per checkpo
 
     reward    mean true reward of the built-in task (a sample that never emitted EOS scores 0,
               as in every script's end-of-run evaluation), or with `--reward-model` the mean
-              score of that model on prompt + completion
+              score of that model on prompt + completion, or with `--reward-fn` the mean of
+              that Python function's scores (raw, as the online scripts log them)
     KL        sampled estimate of KL(policy || reference) in nats per sequence:
               mean over y ~ policy(.|x) of log policy(y|x) - log reference(y|x)
     win rate  P(reward of a policy sample > reward of a reference sample for the same prompt),
@@ -22,6 +23,8 @@ rate needs.
 Run:
     python evaluate.py --checkpoints runs/dpo runs/una_offline
     python evaluate.py --checkpoints runs/dpo --reward-model path/to/reward-model \
+        --dataset my_prompts.jsonl --split train
+    python evaluate.py --checkpoints runs/una_online --reward-fn my_rewards.py:score \
         --dataset my_prompts.jsonl --split train
 
 Outputs: a table on screen and --output (JSON: the arguments, "reference" and the list
@@ -41,7 +44,13 @@ import tyro
 from common import load_model, load_rows, load_tokenizer
 from toy.evaluate import sample_records, true_reward, unique_prompts
 from toy.task import parse_prompt
-from una_online import load_reward_model, reward_model_scores, reward_model_texts  # online UNA's reward model
+from una_online import (  # online UNA's reward model and reward function
+    load_reward_fn,
+    load_reward_model,
+    reward_fn_scores,
+    reward_model_scores,
+    reward_model_texts,
+)
 
 
 @dataclass
@@ -63,6 +72,8 @@ class Args:
     # --- reward ---
     reward_model: str = ""
     """hub id or local path of a one-output sequence-classification reward model ('': the built-in task's reward)"""
+    reward_fn: str = ""
+    """module:function or file.py:function, f(prompts, completions) -> floats, instead of a --reward-model"""
 
     # --- sampling ---
     sample_prompts: int = 24
@@ -136,6 +147,8 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ prompts and reward
     prompts = unique_prompts(load_rows(args.dataset, args.split, "prompts"))
     prompts = prompts[: args.sample_prompts] if args.sample_prompts > 0 else prompts
+    if args.reward_fn and args.reward_model:
+        raise SystemExit(f"give --reward-fn ({args.reward_fn}) or --reward-model ({args.reward_model}), not both")
     if args.reward_model:
         reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
 
@@ -144,11 +157,17 @@ if __name__ == "__main__":
             with autocast:
                 return reward_model_scores(reward_model, reward_tokenizer, texts).tolist()
 
+    elif args.reward_fn:  # scores every completion as its text, cut off or not
+        reward_fn = load_reward_fn(args.reward_fn)
+
+        def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
+            return reward_fn_scores(reward_fn, args.reward_fn, batch_prompts, completions).tolist()
+
     elif all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
         score = true_reward  # the built-in task's, 0 for a sample that never ended
     else:
         raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in task: "
-                         "pass a --reward-model to score them")
+                         "pass a --reward-model or a --reward-fn to score them")
 
     # ------------------------------------------------------------------ reference, then each checkpoint
     tokenizer = load_tokenizer(args.reference)
@@ -165,7 +184,9 @@ if __name__ == "__main__":
         del policy
 
     # ------------------------------------------------------------------ report
-    reward_name = f"mean score of {args.reward_model}" if args.reward_model else "true reward of the built-in task"
+    reward_name = "true reward of the built-in task"
+    if args.reward_model or args.reward_fn:
+        reward_name = f"mean score of {args.reward_model or args.reward_fn}"
     print(f"\nreward: {reward_name}; KL: nats per sequence to {args.reference}; "
           f"win rate: against {args.reference}'s samples\n")
     print(format_table(results))

@@ -1,5 +1,6 @@
-"""una_online.py: the loss and the generated-token mask by hand, reward normalization, and short
-runs (built-in reward with the held-out evaluation, a reward model, two processes)."""
+"""una_online.py: the loss and the generated-token mask by hand, reward normalization, reward
+functions and their bad output, and short runs (built-in reward function with the held-out
+evaluation, a reward function from a file, a reward model, two processes)."""
 
 import json
 import math
@@ -13,7 +14,7 @@ import torch
 
 from common import IGNORE_INDEX, build_batch, sequence_logps
 from conftest import REPO, run_script, save_tiny_reward_model
-from una_online import generate, normalize_rewards, una_online_loss
+from una_online import generate, load_reward_fn, normalize_rewards, reward_fn_scores, una_online_loss
 
 V = 40  # vocabulary of the fake models
 EOS, PAD = 3, 0
@@ -94,6 +95,57 @@ def test_normalization_sigmoid_range_and_missing_eos_penalty():
     assert normalize_rewards(scores, ended, (-2.0, 6.0), 4.0).tolist() == pytest.approx([0.5, 0.0, 0.125, 1.0])
 
 
+def test_reward_functions_are_called_on_a_batch_and_bad_output_names_the_function_row_and_value(tmp_path):
+    from toy.task import reward, rewards
+
+    assert load_reward_fn("toy.task:rewards") is rewards
+    prompts, completions = ["write a positive review of the pizza :"] * 2, ["the pizza was great .", "the pizza ."]
+    assert reward_fn_scores(rewards, "toy.task:rewards", prompts, completions).tolist() == [1.0, 0.0]
+    assert reward(prompts[0], completions[0]) == 1.0
+    # a conversation's completion is the assistant's message; ints, numpy floats and a tensor are fine
+    seen = []
+    conversation = [[{"role": "user", "content": "hi"}], "plain"]
+    reward_fn_scores(lambda p, c: seen.append(c) or [1, 2.5], "f", conversation, ["a", "b"])
+    assert seen == [[[{"role": "assistant", "content": "a"}], "b"]]
+    assert reward_fn_scores(lambda p, c: torch.tensor([0.5, 1.0]), "f", prompts, completions).tolist() == [0.5, 1.0]
+
+    def fails_on_the_second(prompts, completions):
+        return [1.0 / ("pizza ." not in c) for c in completions]
+
+    for fn, message in [
+        (fails_on_the_second, (r"--reward-fn m:f: raised ZeroDivisionError: .* on row 1 of the batch \(prompt .*, "
+                               r"completion 'the pizza \.'\)")),
+        (lambda p, c: [1.0], r"--reward-fn m:f: returned 1 scores for a batch of 2 rows"),
+        (lambda p, c: 0.5, r"--reward-fn m:f: returned 0.5 for a batch of 2 rows"),
+        (lambda p, c: [1.0, float("nan")], r"--reward-fn m:f: returned nan for row 1 of the batch .*finite"),
+        (lambda p, c: ["high", 1.0], r"--reward-fn m:f: returned 'high' for row 0 of the batch"),
+        (lambda p, c: [True, 1.0], r"returned True for row 0"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            reward_fn_scores(fn, "m:f", prompts, completions)
+    (tmp_path / "mine.py").write_text("def score(prompts, completions):\n    return [0.0 for _ in completions]\n")
+    assert load_reward_fn(f"{tmp_path / 'mine.py'}:score")(["p"], ["c"]) == [0.0]
+    for spec, message in [
+        ("toy.task", "give module:function"), ("no_such_module_here:f", "could not import"),
+        ("toy.task:no_such_fn", "has no function 'no_such_fn'"), (f"{tmp_path}/x.py:f", "could not import"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            load_reward_fn(spec)
+
+
+def test_short_run_with_a_reward_function_from_a_file(tmp_path):
+    # the number of words of the completion (at most --max-new-tokens 32), min-maxed from [0, 40] to s_phi
+    (tmp_path / "words.py").write_text("def count(prompts, completions):\n"
+                                       "    return [len(c.split()) for c in completions]\n")
+    records, _ = run_script("una_online.py", [
+        "--reward-fn", f"{tmp_path / 'words.py'}:count", "--reward-range", "0", "40", "--max-steps", "2",
+        "--per-device-batch-size", "8", "--sample-prompts", "0", "--eval-split", "", "--output-dir", str(tmp_path),
+    ])  # fmt: skip
+    first = records[0]
+    assert first["reward/mean"] > 3 and first["reward/mean"] <= first["completion_length"]  # words, EOS not one
+    assert first["s_phi"] == pytest.approx(first["reward/mean"] / 40, abs=1e-6)
+
+
 def test_sampled_completions_are_cut_after_eos_and_only_they_are_scored(tiny):
     model, tokenizer = tiny
     torch.manual_seed(0)
@@ -153,7 +205,8 @@ def test_data_outside_the_builtin_task_needs_a_reward_model(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "una_online.py", "--dataset", str(prompts), "--output-dir", str(tmp_path / "una")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "give a --reward-model" in proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "give a --reward-model or a --reward-fn" in proc.stderr
 
 
 def test_two_processes_match_one_process_with_greedy_samples(tmp_path):

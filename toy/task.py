@@ -26,6 +26,9 @@ Grammar of a completion (one or two sentences, each ending in " ."):
 A review that only says what was asked, about the right thing, without repeating itself,
 scores 1. Piling up adjectives does not help: sentiment is a mean, and ADJP holds two.
 
+`rewards(prompts, completions)` is the same reward for a batch, as a `--reward-fn` of the online
+scripts takes it (their default on this task): `python una_online.py --reward-fn toy.task:rewards`.
+
 `sample_completion` is the "web text" writer that the SFT data come from: it follows the
 requested sentiment only partly (each sentiment word matches with probability 0.75) and
 sometimes reviews the wrong thing, so a policy trained to imitate it leaves clear room for
@@ -156,6 +159,13 @@ def reward(prompt, completion):
     topic = 1.0 if all(s == subject for s in subjects) else OFF_TOPIC_FACTOR
     repetition = REPETITION_FACTOR if len(set(sentiment_words)) < len(sentiment_words) else 1.0
     return sentiment * topic * repetition
+
+
+def rewards(prompts, completions):
+    """`reward` of a batch: the list of rewards of completions[i] as answers to prompts[i], the signature
+    of a --reward-fn. A completion cut off before its end (no EOS) is scored as the text it is: at the
+    scripts' --max-new-tokens 32 it holds more words than the grammar allows, so it scores 0."""
+    return [reward(p, c) for p, c in zip(prompts, completions)]
 
 
 def sample_completion(prompt, rng):
