@@ -6,10 +6,13 @@ reference above a reference point z_ref on desirable y and below it on the other
     r = log pi(y|x) - log ref(y|x);  z_ref = max(0, mean of r(x_j, y_(j+1) mod n)), no gradient
     L = lambda_D (1 - sigmoid(beta (r - z_ref))) if y is desirable, else lambda_U (1 - sigmoid(beta (z_ref - r)))
 
+    every tau steps (TR-KTO, off by default):  theta_ref <- alpha * theta + (1 - alpha) * theta_ref   (2404.09656)
+
 with z_ref's mean over the mismatched pairs of every micro-batch of the step (Eq. 8), and pairwise rows unpaired.
 
 Run:
     python kto.py                                      # built-in task, CPU, about a minute
+    python kto.py --ref-sync-steps 32                  # TR-KTO (2404.09656): the reference moves every 32 steps
     torchrun --nproc_per_node 8 kto.py --model-name Qwen/Qwen2-0.5B-Instruct \\
         --dataset trl-lib/kto-mix-14k --learning-rate 5e-7 --per-device-batch-size 4 \\
         --max-length 1024 --max-prompt-length 512
@@ -32,7 +35,6 @@ import torch
 import torch.distributed as dist
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from common import (
     MetricsLog,
@@ -62,12 +64,14 @@ class Args:
     """hub id, local folder, or .json/.jsonl/.parquet file of {"prompt", "completion", "label"} (or pairwise) rows"""
     train_split: str = "train"
     """split to train on"""
-    eval_split: str = "test"
-    """held-out split for evaluation ('' to skip)"""
+    eval_split: Optional[str] = None
+    """held-out split for evaluation ('' skips; None: 'test', skipped with a note where the data has none)"""
     output_dir: str = "runs/kto"
     """where metrics, evaluation and the trained model are written"""
     seed: int = 1
     """seed of the data order (the same on every rank) and of sampling (offset by the rank)"""
+    dropout: bool = False
+    """keep the model's dropout on in training (else off, so that the policy starts equal to the reference)"""
 
     # --- algorithm ---
     beta: float = 0.1
@@ -76,6 +80,10 @@ class Args:
     """lambda_D, weight of the loss on desirable examples"""
     undesirable_weight: float = 1.0
     """lambda_U, weight of the loss on undesirable examples (advised: lambda_D n_D / (lambda_U n_U) in [1, 4/3])"""
+    ref_mixup_alpha: float = 0.6
+    """TR-KTO: alpha in [0, 1] of the reference update (1: hard update, a copy; 0: KTO; the paper: 0.6)"""
+    ref_sync_steps: int = 0
+    """TR-KTO: tau, optimizer steps between reference updates (0: never, KTO; the paper: 512)"""
 
     # --- optimizer ---
     learning_rate: float = 5e-5  # 5x dpo.py's: on the built-in task 1e-5 moves the policy little (README)
@@ -112,6 +120,12 @@ class Args:
     """built-in task only: completions sampled per prompt, from the starting and the trained policy"""
     max_new_tokens: int = 32
     """longest sampled completion; one that has not ended by then scores 0"""
+    report_to: Literal["none", "trackio", "wandb"] = "none"
+    """experiment tracker to send the arguments, every metrics line and the results to (rank 0; pip install it)"""
+    run_name: str = ""
+    """name of the run in the tracker ('': the script's name and the start time)"""
+    project: str = "alignment"
+    """project of the run in the tracker"""
 
     # --- checkpoints ---
     save_every: int = 0
@@ -123,9 +137,9 @@ class Args:
 
     # --- hardware ---
     bf16: Optional[bool] = None
-    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+    """bf16 autocast (None: on for GPUs that support it, off on CPU)"""
     gradient_checkpointing: Optional[bool] = None
-    """recompute activations in the backward pass to save memory (default: on for GPU)"""
+    """recompute activations in the backward pass to save memory (None: on for GPU)"""
     fsdp: bool = False
     """with several processes, shard the models per decoder layer (FSDP2) instead of replicating them (DDP)"""
     lora_r: int = 0
@@ -162,6 +176,20 @@ def reference_point(kl_logratios):
     if dist.is_initialized():
         dist.all_reduce(sums)
     return max(0.0, (sums[0] / sums[1]).item())
+
+
+@torch.no_grad()
+def update_reference(policy, reference, alpha):
+    """TR-DPO's update in place (shard by shard under FSDP): theta_ref <- alpha * theta + (1 - alpha) * theta_ref,
+    theta being the weight the policy computes with (LoRA: W + (alpha / r) B A). Returns ||theta - theta_ref||."""
+    theta = {n.removeprefix("base_model.model.").replace(".base_layer.", "."): p for n, p in policy.named_parameters()}
+    for name, module in policy.named_modules():
+        if hasattr(module, "get_delta_weight"):  # a LoRA layer (peft): W + (alpha / r) B A of get_peft_model's adapter
+            key = name.removeprefix("base_model.model.") + ".weight"
+            theta[key] = module.base_layer.weight + module.get_delta_weight("default")
+    for name, p in reference.named_parameters():
+        p.lerp_(theta[name], alpha)  # computed as end - (1 - w) (end - start) for w >= 0.5: exactly a copy at alpha = 1
+    return torch.stack([torch.linalg.vector_norm(theta[n] - p) for n, p in reference.named_parameters()]).norm().item()
 
 
 def mismatched_pairs(examples, indices, max_length):
@@ -204,6 +232,13 @@ if __name__ == "__main__":
     if args.per_device_batch_size < 2:
         raise SystemExit(f"--per-device-batch-size must be at least 2, got {args.per_device_batch_size}: KTO's z_ref "
                          "pairs each prompt with the completion of another example of the same micro-batch")
+    if not 0 <= args.ref_mixup_alpha <= 1:
+        raise SystemExit(f"--ref-mixup-alpha must be in [0, 1], got {args.ref_mixup_alpha}")
+    if args.ref_sync_steps < 0:
+        raise SystemExit(f"--ref-sync-steps must be 0 (KTO) or more (TR-KTO), got {args.ref_sync_steps}")
+    if args.ref_sync_steps > 0 and args.precompute_ref_logprobs:
+        raise SystemExit("--precompute-ref-logprobs scores a fixed reference, and TR-KTO's (--ref-sync-steps "
+                         f"{args.ref_sync_steps}) moves: drop one of the two")
     if args.max_prompt_length >= args.max_length:
         raise SystemExit(f"--max-prompt-length {args.max_prompt_length} must be below --max-length {args.max_length}")
     if master_process:
@@ -218,11 +253,11 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_name)
     kind = "pairwise" if "chosen" in load_rows(args.dataset, args.train_split, "prompts")[0] else "binary"
     train_rows = load_rows(args.dataset, args.train_split, kind)
-    eval_rows = load_rows(args.dataset, args.eval_split, kind) if args.eval_split else []
+    eval_rows = load_rows(args.dataset, args.eval_split, kind) if args.eval_split != "" else []
     if kind == "pairwise":  # unpaired (with --seed): each chosen completion desirable, each rejected one not
         train_rows, eval_rows = unpair_rows(train_rows, args.seed), unpair_rows(eval_rows, args.seed)
     fields, lengths = ["completion"], (args.max_length, args.max_prompt_length)
-    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split}]"
+    train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
     train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
     for example, row in zip(train_examples + eval_examples, train_rows + eval_rows):
@@ -262,9 +297,11 @@ if __name__ == "__main__":
     # ------------------------------------------------------------------ models
     # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
     # itself with its adapter switched off (peft's disable_adapter), which is the base model; with
-    # --precompute-ref-logprobs none: the policy scores the data before it trains (below)
-    policy = load_model(args.model_name, device).train()  # (from_pretrained's eval mode skips gradient checkpointing)
-    reference = None if args.lora_r > 0 or args.precompute_ref_logprobs else load_model(args.model_name, device).eval()
+    # --precompute-ref-logprobs none: the policy scores the data before it trains (below). TR-KTO's reference
+    # moves towards the policy: a copy of its own, even with LoRA
+    policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)
+    shared = (args.lora_r > 0 or args.precompute_ref_logprobs) and args.ref_sync_steps == 0
+    reference = None if shared else load_model(args.model_name, device).eval()
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r > 0:
@@ -303,7 +340,7 @@ if __name__ == "__main__":
         """The reference's log-probs (B,) of the completions of a batch."""
         if "reference_logps" in batch:  # --precompute-ref-logprobs
             return batch["reference_logps"]
-        with model.disable_adapter() if args.lora_r > 0 else nullcontext():
+        with model.disable_adapter() if args.lora_r > 0 and reference is None else nullcontext():
             return forward_completions(model if reference is None else reference, batch)
 
     @torch.no_grad()
@@ -362,11 +399,12 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ training
     models = {"policy": policy}  # what a checkpoint holds, with the optimizer, scheduler and RNG states
+    if args.ref_sync_steps > 0:
+        models["reference"] = reference  # TR-KTO's moving reference
     step = 0
     if args.resume_from:
         step, _ = load_checkpoint(args.resume_from, models, optimizer, scheduler, args, global_batch_size)
-    metrics_log = MetricsLog(args.output_dir, master_process, start_step=step)
-    progress = tqdm(total=total_steps, initial=step, disable=not master_process, desc=os.path.basename(__file__))
+    metrics_log = MetricsLog(args, master_process, step, total_steps, show=("loss", "kl"))
     start_time = time.time()
 
     def save_state():
@@ -411,6 +449,7 @@ if __name__ == "__main__":
                 f"stopped before updating the weights. The last good state (after step {step}) is saved in {path}. "
                 f"Lower --learning-rate or --max-grad-norm, check the data of this step, then --resume-from {path}"
             )
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -419,16 +458,15 @@ if __name__ == "__main__":
 
         tokens = sums.pop("tokens")
         metrics = {"step": step, "epoch": epoch, "kl": kl, **means(sums)}
-        metrics["learning_rate"], metrics["grad_norm"] = scheduler.get_last_lr()[0], grad_norm
+        metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
-        if args.eval_split and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+        if args.ref_sync_steps > 0 and step % args.ref_sync_steps == 0:  # TR-KTO: the reference moves (2404.09656)
+            metrics["ref/param_distance"] = update_reference(model, reference, args.ref_mixup_alpha)
+        if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())
         metrics_log.log(metrics)
         if args.save_every > 0 and step % args.save_every == 0:
             save_state()
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{kl:.3f}")
-    progress.close()
     train_seconds = time.time() - start_time
     # peak memory of this process: CUDA's max allocated on GPU, the peak resident set (KiB on Linux) on CPU
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -436,10 +474,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ evaluation
     results = {"train_seconds": train_seconds, "steps": step, "peak_memory_mb": peak_memory / 2**20}
-    if args.eval_split:
+    if eval_examples:
         results.update(evaluate())
         metrics_log.log({"step": step, **{k: v for k, v in results.items() if k.startswith("eval/")}})
-        print0("held-out:", ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items() if "eval/" in k and v is not None))
 
     # ------------------------------------------------------------------ save
     save_model(policy, tokenizer, args.output_dir)  # every rank: under FSDP the shards are gathered; rank 0 writes
@@ -455,8 +492,10 @@ if __name__ == "__main__":
         sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
         sampling = (*sampling, args.seed, device, bf16)
         results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
+    metrics_log.finish(results)  # the final line: the last training loss and the held-out metrics; closes the tracker
     if dist.is_initialized():
         dist.destroy_process_group()

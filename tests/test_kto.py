@@ -1,7 +1,9 @@
 """kto.py: the loss and the reference point z_ref against hand computations, the mismatched pairs,
 and short runs of the script: pairwise rows unpaired and the weight warning, two processes against
-one (z_ref over the global batch), precomputed reference log-probs against a live reference, and
-the error for a micro-batch of one."""
+one (z_ref over the global batch), precomputed reference log-probs against a live reference, the
+error for a micro-batch of one, and TR-KTO (--ref-sync-steps): alpha 0 is KTO exactly, alpha 1 every
+step keeps the reference equal to the policy (also with LoRA: a copy, not the adapter-off policy), two
+processes match one and a resumed run (its moving reference checkpointed) matches the uninterrupted one."""
 
 import json
 import math
@@ -14,6 +16,7 @@ import torch
 
 from common import collate_completions
 from conftest import REPO, run_script
+from test_resume import assert_same_weights
 from kto import kto_loss, mismatched_pairs, reference_point
 
 SHORT = ["--max-steps", "4", "--sample-prompts", "0"]
@@ -169,3 +172,87 @@ def test_per_device_batch_of_one_is_an_error_that_says_why(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--per-device-batch-size must be at least 2, got 1" in proc.stderr
     assert "another example of the same micro-batch" in proc.stderr
+
+
+def test_tr_kto_with_a_precomputed_reference_is_an_error_that_says_why(tmp_path):
+    cmd = [sys.executable, "kto.py", "--ref-sync-steps", "8", "--precompute-ref-logprobs", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "TR-KTO's (--ref-sync-steps 8) moves: drop one of the two" in proc.stderr
+
+
+# ---------------------------------------------------------------- TR-KTO: the trust-region reference (2404.09656)
+def tr_kto_args(data):
+    """4 steps of 2 micro-batches of 4 on data where z_ref turns positive, fast enough that syncs matter."""
+    return SHORT + ["--dataset", data, "--per-device-batch-size", "4", "--learning-rate", "1e-3", "--warmup-ratio", "0"]
+
+
+@pytest.fixture(scope="module")
+def tr_kto(tmp_path_factory):
+    """(args, plain KTO's records, TR-KTO's with alpha 0.5 and tau 2 and a checkpoint at step 2, the folder)."""
+    tmp = tmp_path_factory.mktemp("tr_kto")
+    args = tr_kto_args(positive_z_ref_data(tmp / "data"))
+    one_process = ["--gradient-accumulation-steps", "2"]
+    kto, _ = run_script("kto.py", args + one_process + ["--output-dir", str(tmp / "kto")])
+    sync = ["--ref-mixup-alpha", "0.5", "--ref-sync-steps", "2"]
+    tr, _ = run_script("kto.py", args + one_process + sync + ["--save-every", "2", "--output-dir", str(tmp / "tr")])
+    return args + sync, kto, tr, tmp
+
+
+def test_tr_kto_alpha_zero_is_kto_exactly(tmp_path, tr_kto):
+    args, kto, _, tmp = tr_kto
+    data = args[args.index("--dataset") + 1]
+    zero, _ = run_script("kto.py", tr_kto_args(data) + ["--gradient-accumulation-steps", "2", "--ref-mixup-alpha", "0",
+                                                      "--ref-sync-steps", "1", "--output-dir", str(tmp_path)])
+    assert min(losses_of(kto, "kl")[1:]) > 0.5 and losses_of(kto)[3] != losses_of(kto)[0]  # z_ref and the policy move
+    for key in ("loss", "kl", "rewards/chosen", "logps/chosen", "grad_norm", "eval/loss", "eval/kl"):
+        assert losses_of(zero, key) == losses_of(kto, key), key  # exactly equal floats
+    distances = losses_of(zero, "ref/param_distance")
+    assert len(distances) == 4 and all(d > 0 for d in distances) and not losses_of(kto, "ref/param_distance")
+
+
+def test_tr_kto_syncs_move_the_reference_and_two_processes_match_one(tmp_path, tr_kto):
+    args, kto, tr, _ = tr_kto
+    two, _ = run_script("kto.py", args + ["--output-dir", str(tmp_path / "two")], nproc=2)
+    assert len(losses_of(tr, "ref/param_distance")) == 2  # at steps 2 and 4
+    # until the first sync (step 2) TR-KTO is KTO; from step 3 z_ref and the log-ratios are against the moved reference
+    assert losses_of(tr)[:2] == losses_of(kto)[:2] and losses_of(tr, "kl")[:2] == losses_of(kto, "kl")[:2]
+    assert losses_of(tr)[2] != pytest.approx(losses_of(kto)[2], abs=1e-4)
+    assert losses_of(tr, "kl")[2] < losses_of(kto, "kl")[2] - 0.1
+    for key in ("loss", "kl", "rewards/chosen", "ref/param_distance", "eval/loss", "eval/kl"):
+        assert losses_of(two, key) == pytest.approx(losses_of(tr, key), rel=1e-4, abs=1e-5), key
+
+
+def test_tr_kto_resumed_run_equals_uninterrupted_run(tmp_path, tr_kto):
+    args, _, tr, tmp = tr_kto
+    checkpoint = tmp / "tr" / "checkpoints" / "step-00000002"
+    resumed, log = run_script("kto.py", args + ["--gradient-accumulation-steps", "2", "--resume-from", str(checkpoint),
+                                                "--output-dir", str(tmp_path)])
+    assert "at step 2" in log
+    after = lambda records, key: [(r["step"], r[key]) for r in records if key in r and r["step"] > 2]  # noqa: E731
+    for key in ("loss", "kl", "ref/param_distance"):
+        assert len(after(tr, key)) > 0 and after(resumed, key) == after(tr, key), key  # the restored reference
+    assert_same_weights(tmp / "tr", tmp_path)
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-r", "4"]])
+def test_tr_kto_hard_update_every_step_keeps_the_reference_equal_to_the_policy(tmp_path, lora):
+    from safetensors.torch import load_file
+
+    args = ["--max-steps", "4", "--per-device-batch-size", "8", "--ref-mixup-alpha", "1", "--ref-sync-steps", "1",
+            "--learning-rate", "1e-3", "--sample-prompts", "0"]
+    records, _ = run_script("kto.py", args + lora + ["--output-dir", str(tmp_path)])
+    steps = [r for r in records if "loss" in r]
+    assert [r["ref/param_distance"] for r in steps] == [0.0] * 4
+    # every step starts with reference == policy (with LoRA: the merged W + (alpha / r) B A, not the base model): every
+    # log-ratio and z_ref are 0 and each loss is 1 - sigmoid(0) = 0.5, while the policy leaves the start
+    tolerance = 1e-6 if lora else 0.0  # LoRA's W x + s B A x against the reference's (W + s B A) x
+    assert all(r["loss"] == pytest.approx(0.5, abs=tolerance) and abs(r["kl"]) <= tolerance for r in steps)
+    assert all(abs(r["rewards/chosen"]) <= tolerance and abs(r["rewards/rejected"]) <= tolerance for r in steps)
+    assert records[-1]["eval/loss"] == pytest.approx(0.5, abs=1e-6) and all(r["grad_norm"] > 0 for r in steps)
+    if lora:  # B starts at 0: the adapter moved the policy away from the base model (what disable_adapter gives)
+        adapter = load_file(tmp_path / "adapter_model.safetensors")
+        assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 1e-3
+    else:
+        trained, start = load_file(tmp_path / "model.safetensors"), load_file(REPO / "toy/sft-policy/model.safetensors")
+        assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-3
