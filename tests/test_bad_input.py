@@ -76,7 +76,8 @@ def test_long_prompts_keep_their_end_and_are_counted(tiny):
     rows = [{"prompt": "write a positive review of the pizza :", "completion": "good ."}, {"prompt": "pizza :", "completion": "good ."}]
     stats = TruncationStats()
     examples = tokenize_examples(tokenizer, rows, ["completion"], max_length=12, max_prompt_length=4, stats=stats)
-    assert tokenizer.convert_ids_to_tokens(examples[0]["prompt_ids"]) == ["of", "the", "pizza", ":"]
+    # the cut prompt keeps its BOS, then its last tokens
+    assert tokenizer.convert_ids_to_tokens(examples[0]["prompt_ids"]) == ["<bos>", "the", "pizza", ":"]
     assert (stats.rows, stats.prompts_truncated, stats.completions_truncated) == (2, 1, 0)
     assert stats.summary(12, 4) == "2 rows: 1 prompts cut to their last 4 tokens, 0 completions cut to fit --max-length 12"
     # when most prompts are cut, the limit is likely meant for other data: the summary says so

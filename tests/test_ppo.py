@@ -91,7 +91,9 @@ def test_short_run(tmp_path):
     assert records[0]["reward/mean"] == records[2]["reward/mean"]  # the same mini-batch, one PPO epoch later
     results = json.load(open(out / "eval.json"))
     assert results["eval/reward"] == records[-1]["eval/reward"] and results["trained_policy"]["num_samples"] == 4
-    assert "step 2, samples (reward | prompt | completion)" in log
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]  # training samples at steps 1, 2 and 4
+    assert [s["step"] for s in samples if "policy" not in s] == [1] * 8 + [2] * 8 + [4] * 8
+    assert {"prompt", "completion", "reward", "ended"} <= samples[0].keys()
 
 
 def test_two_processes_match_one_process_with_greedy_samples(tmp_path):

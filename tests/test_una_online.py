@@ -14,6 +14,7 @@ import torch
 
 from common import IGNORE_INDEX, build_batch, sequence_logps
 from conftest import REPO, run_script, save_tiny_reward_model
+from toy.task import reward
 from una_online import generate, load_reward_fn, normalize_rewards, reward_fn_scores, una_online_loss
 
 V = 40  # vocabulary of the fake models
@@ -183,7 +184,11 @@ def test_short_run_with_the_builtin_reward(tmp_path):
     results = json.load(open(out / "eval.json"))
     assert results["eval/reward"] == records[-1]["eval/reward"] and results["eval/kl"] == records[-1]["eval/kl"]
     assert results["trained_policy"]["num_samples"] == 4 and results["starting_policy"]["kl"] is None
-    assert "step 2, samples (reward | prompt | completion)" in log
+    # training samples (steps 1, 2, 4) and the end-of-run examples of both policies, in samples.jsonl
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [s["step"] for s in samples if "policy" not in s] == [1] * 8 + [2] * 8 + [4] * 8
+    assert {s["policy"] for s in samples if "policy" in s} == {"starting", "trained"}
+    assert all(s["reward"] == pytest.approx(reward(s["prompt"], s["completion"])) for s in samples if s["ended"])
 
 
 def test_short_run_with_a_reward_model_on_the_prompts_of_a_pairwise_dataset(tmp_path):
