@@ -5,6 +5,7 @@ against single texts, and tools/sweep.py's commands (a dry run: the sweep is too
 import copy
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -137,16 +138,46 @@ def test_a_reward_model_scores_prompts_outside_the_task(tmp_path):
     assert len({e["reward"] for e in reference["examples"]}) > 1  # scores vary: not the 0 of a missing true reward
 
 
-def test_sweep_dry_run_lists_every_run_then_one_evaluation():
+def test_sweep_dry_run_lists_every_run_then_the_evaluations():
     sys.path.insert(0, str(REPO / "tools"))
     from sweep import METHODS
 
     rc, out = run(["tools/sweep.py", "--dry-run", "--runs-dir", "/tmp/sweep-dry-run"])
     assert rc == 0, out
     lines = out.strip().splitlines()
-    assert len(lines) == sum(len(betas) for *_, betas in METHODS) + 1
-    trains, evaluation = lines[:-1], lines[-1]
+    num_runs = 2 * sum(len(settings) for *_, settings in METHODS)  # two training seeds
+    trains, evaluations = lines[:num_runs], lines[num_runs:]
+    assert len(evaluations) == 2 and all("evaluate.py --checkpoints /tmp/sweep-dry-run/" in e for e in evaluations)
     assert all("--sample-prompts 0" in line and "--output-dir /tmp/sweep-dry-run/" in line for line in trains)
     assert len(set(line.split("--output-dir ")[1] for line in trains)) == len(trains)  # no two runs share a folder
-    assert "evaluate.py --checkpoints /tmp/sweep-dry-run/" in evaluation
-    assert evaluation.count("/tmp/sweep-dry-run/") == len(trains) + 1  # every checkpoint, then --output
+    checkpoints = [c for e in evaluations for c in e.split("--checkpoints ")[1].split(" --seed")[0].split()]
+    assert len(set(checkpoints)) == len(checkpoints) == 2 * len(trains)  # two checkpoints of every run, each once
+
+
+def test_sweep_matched_difference_by_hand():
+    sys.path.insert(0, str(REPO / "tools"))
+    from sweep import matched_difference, verdict
+
+    point = lambda kl, reward: {"kl": kl, "reward": reward, "reward_stderr": 0.01}  # noqa: E731
+    # A rises as 0.5 + 0.1 KL on [0, 2] (seed 2: 0.02 higher); B is flat at 0.5 on [0.5, 3]
+    a = {1: [point(0, 0.5), point(2, 0.7)], 2: [point(0, 0.52), point(2, 0.72)]}
+    b = {1: [point(0.5, 0.5), point(3, 0.5)], 2: [point(0.5, 0.5), point(3, 0.5)]}
+    m = matched_difference(a, b, (1, 2))
+    assert m["kl_ranges"] == {1: [0.5, 2], 2: [0.5, 2]} and m["seeds"] == [1, 2]  # only where both curves cover
+    # mean over [0.5, 2] of A is A at the midpoint 1.25: 0.625 and 0.645, minus 0.5
+    assert m["range"]["per_seed"] == pytest.approx([0.125, 0.145]) and m["range"]["difference"] == pytest.approx(0.135)
+    assert m["range"]["stderr_seeds"] == pytest.approx(0.01)  # stdev(0.125, 0.145) / sqrt 2
+    # weights on the checkpoints: A 0.375 (KL 0), 0.625 (KL 2); B 0.7 (KL 0.5), 0.3 (KL 3); per seed, then / 2 seeds
+    sampling = math.sqrt(2 * 1e-4 * (0.375**2 + 0.625**2 + 0.7**2 + 0.3**2)) / 2
+    assert m["range"]["stderr_sampling"] == pytest.approx(sampling)
+    assert m["range"]["stderr"] == pytest.approx(math.hypot(0.01, sampling))
+    assert m["low"]["difference"] < m["middle"]["difference"] < m["high"]["difference"]
+    assert matched_difference(a, {s: [point(2.5, 0.5), point(3, 0.5)] for s in (1, 2)}, (1, 2)) is None  # no overlap
+    # curves that meet at seed 1 only: its difference, with no seed spread, and no verdict
+    one = matched_difference(a, {1: b[1], 2: [point(2.5, 0.5), point(3, 0.5)]}, (1, 2))
+    assert one["seeds"] == [1] and one["range"]["difference"] == pytest.approx(0.125)
+    assert one["range"]["stderr_seeds"] is None
+    assert one["range"]["stderr"] == pytest.approx(one["range"]["stderr_sampling"])
+    assert verdict(">", 0.125, 0.01, num_seeds=1).startswith("not shown")
+    assert verdict(">", 0.135, 0.0125).startswith("confirmed") and verdict(">", -0.1, 0.01).startswith("refuted")
+    assert verdict(">", 0.01, 0.01).startswith("not shown") and verdict("=", 0.01, 0.01).startswith("confirmed")
