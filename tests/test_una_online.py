@@ -27,10 +27,16 @@ class FixedLogits(torch.nn.Module):
 
     def __init__(self, logits):
         super().__init__()
-        self.logits = logits  # (V,)
+        self.config = SimpleNamespace()
+        self.head = torch.nn.Linear(1, V)  # the output layer, as sequence_logps expects: logits = 0 * h + logits
+        self.head.weight.data.zero_()
+        self.head.bias.data.copy_(logits)  # (V,)
+
+    def get_output_embeddings(self):
+        return self.head
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache):
-        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, V))  # (B, T, V)
+        return SimpleNamespace(logits=self.head(torch.ones(*input_ids.shape, 1)))  # (B, T, V)
 
 
 def test_loss_and_generated_token_mask_by_hand():
@@ -74,8 +80,8 @@ def test_loss_and_generated_token_mask_by_hand():
     assert losses.tolist() == pytest.approx(expected_losses, abs=1e-5)
 
     # the gradient reaches the policy's log-probs only
-    policy_logps = policy_logps.clone().requires_grad_(True)
-    una_online_loss(policy_logps, reference_logps, rewards, beta)[0].sum().backward()
+    policy_logps = policy_logps.detach().clone().requires_grad_(True)
+    una_online_loss(policy_logps, reference_logps.detach(), rewards, beta)[0].sum().backward()
     s = [sigmoid(beta * r) for r in expected_rho]
     # d/d logp of (sigmoid(beta rho) - s_phi)^2 = 2 (s_theta - s_phi) s_theta (1 - s_theta) beta
     expected_grad = [2 * (q - p) * q * (1 - q) * beta for q, p in zip(s, [1.0, 0.0, 0.5])]
