@@ -19,6 +19,7 @@ CASES = {
     "kto.py": ("binary", []),
     "una_offline.py": ("score", ["--feedback", "score"]),
     "una_online.py": ("prompts", ["--updates-per-batch", "1", "--reward-model", "REWARD_MODEL"]),  # no built-in reward
+    "ppo.py": ("prompts", ["--reward-fn", "my_reward.py:score", "--reward-range", "0", "1"]),  # the user's function
     "sft.py": ("sft", []),
 }
 
@@ -39,6 +40,8 @@ def test_script_copied_with_common_alone_runs_and_saves(tmp_path, script):
     model = tmp_path / "my_model"  # a local model folder outside the repository
     shutil.copytree(REPO / "toy" / "sft-policy", model)
 
+    reward_fn = "def score(prompts, completions):\n    return [min(1.0, len(c) / 40) for c in completions]\n"
+    (project / "my_reward.py").write_text(reward_fn)  # the user's own reward function, for ppo.py
     if "REWARD_MODEL" in extra:
         save_tiny_reward_model(tmp_path / "reward_model")
         extra = [str(tmp_path / "reward_model") if a == "REWARD_MODEL" else a for a in extra]
