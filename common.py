@@ -27,15 +27,19 @@ IGNORE_INDEX = -100  # label of a token that is not scored (prompt, padding)
 # N, each told its RANK / WORLD_SIZE / LOCAL_RANK through the environment.
 
 
-def setup_distributed():
+def setup_distributed(fsdp=False):
     """Return (rank, world_size, device); joins the process group (NCCL on GPU, one GPU per
-    process picked by LOCAL_RANK; gloo on CPU) when torchrun started us."""
+    process picked by LOCAL_RANK; gloo on CPU) when torchrun started us, or for `fsdp`, which
+    shards over a group even of one process (`python X.py --fsdp` runs FSDP's code on one device)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world_size > 1 or (fsdp and "MASTER_ADDR" in os.environ):  # torchrun's rendezvous
+        dist.init_process_group(backend=backend)
+    elif fsdp:  # one process without torchrun: a group of one, its store in memory
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, world_size, device
 
 

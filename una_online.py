@@ -173,7 +173,7 @@ class Args:
     gradient_checkpointing: Optional[bool] = None
     """recompute activations in the backward pass to save memory (None: on for GPU)"""
     fsdp: bool = False
-    """with several processes, shard the models per decoder layer (FSDP2) instead of replicating them (DDP)"""
+    """shard the models per decoder layer (FSDP2) instead of replicating them (DDP); with one process too"""
     lora_r: int = 0
     """rank of LoRA adapters (peft) trained instead of the full weights (0: full fine-tuning)"""
     lora_alpha: float = 16.0
@@ -321,7 +321,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
 
     # ------------------------------------------------------------------ setup
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.fsdp)
     master_process = rank == 0
     torch.manual_seed(args.seed)  # the same on every rank: same data order, same start
     on_gpu = device.type == "cuda"
@@ -387,7 +387,7 @@ if __name__ == "__main__":
         targets = "all-linear" if args.lora_target_modules == ("all-linear",) else list(args.lora_target_modules)
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
         policy = get_peft_model(policy, config)  # B = 0: starts exactly as the base model; only B and A train
-    if args.fsdp and world_size > 1:
+    if args.fsdp:  # with one process too (one shard each), so that this code runs on one GPU
         # FSDP2: each decoder layer (the classes a transformers model names in _no_split_modules), then the
         # rest, is split into world_size shards; a layer is gathered only while it runs, and each process
         # keeps and updates one shard of every weight, gradient and AdamW state. With LoRA, the model inside
