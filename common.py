@@ -619,7 +619,14 @@ class MetricsLog:
 def save_model(model, tokenizer, output_dir):
     """Save in Hugging Face format (rank 0 writes; call it on every rank). A whole model loads with
     AutoModelForCausalLM.from_pretrained, a peft model saves its adapter. Under FSDP the shards
-    are gathered to rank 0's CPU by torch.distributed.checkpoint's get_model_state_dict."""
+    are gathered to rank 0's CPU by torch.distributed.checkpoint's get_model_state_dict. A failed
+    write (a full disk) stops the run with one line that names the checkpoint to resume from."""
+    error = _write_model(model, tokenizer, output_dir)
+    _stop_if_save_failed(error, "the trained policy", output_dir, output_dir)
+
+
+def _write_model(model, tokenizer, output_dir):
+    """save_model's work; returns rank 0's write error (None if it succeeded or on the other ranks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
@@ -630,10 +637,40 @@ def save_model(model, tokenizer, output_dir):
         for name, p in model.named_parameters(remove_duplicate=False):
             if first.setdefault(id(p), name) in state_dict and name in state_dict:
                 state_dict[name] = state_dict[first[id(p)]]
-        model.save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
+        try:
+            model.save_pretrained(output_dir, state_dict=state_dict)
+            tokenizer.save_pretrained(output_dir)
+        except Exception as e:  # a full disk: OSError(ENOSPC), or the error of a writer that lost its bytes
+            return e
+    return None
+
+
+def _stop_if_save_failed(error, what, folder, run_dir, partial=None):
+    """Every rank calls this after its writes (it is a barrier). If any rank's write failed (`error`: this
+    rank's exception or None), the `partial` folder is removed and every rank stops with one line: what
+    could not be saved where, why, the space left on that disk, and the checkpoint of `run_dir` to resume from."""
+    import shutil
+
+    failed = error is not None
     if dist.is_initialized():
-        dist.barrier()  # nobody reads the folder before it is complete
+        flag = torch.tensor([float(failed)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag)
+        failed = flag.item() > 0
+    if not failed:
+        return
+    if partial is not None and int(os.environ.get("RANK", 0)) == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # the next save would remove it; its space is free now
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    elif error is not None:  # torch's writers wrap the failure (CheckpointException, "unexpected pos"): its last line
+        reason = ([line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1][:300]
+    else:
+        reason = "another process's write failed"
+    disk = next(p for p in [Path(folder).resolve(), *Path(folder).resolve().parents] if p.exists())
+    free = shutil.disk_usage(disk).free / 2**20
+    done = [p for p in sorted((Path(run_dir) / "checkpoints").glob("step-*")) if (p / "trainer.pt").exists()]
+    resume = f"free space, then rerun with --resume-from {done[-1]}" if done else "no complete checkpoint to resume from"
+    raise SystemExit(f"could not save {what} to {folder}: {reason} ({free:.1f} MiB left on its disk); {resume}")
 
 
 # A checkpoint, <output_dir>/checkpoints/step-00000100/, holds all that the next step depends on,
@@ -643,7 +680,8 @@ def save_model(model, tokenizer, output_dir):
 #   rng-<rank>.pt   each rank's RNG states;  trainer.pt  step, scheduler, arguments, script extras
 #   policy/         the policy in Hugging Face format, for evaluate.py and from_pretrained
 # It is written to a hidden temporary folder and renamed once complete: a run killed while saving
-# leaves the previous checkpoints intact (and a .tmp-* folder, removed by the next save).
+# leaves the previous checkpoints intact (and a .tmp-* folder, removed by the next save). A write that
+# fails (a full disk) removes that folder and stops the run with one line naming the checkpoint to resume from.
 
 DATA_ORDER_ARGS = ("dataset", "train_split", "seed", "num_epochs", "max_length", "max_prompt_length")
 
@@ -676,28 +714,37 @@ def save_checkpoint(output_dir, step, keep, tokenizer, models, optimizer, schedu
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    error, what = None, f"checkpoint {final.name}"  # a failed write stops every rank at the next check, in one line
     if rank == 0:
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
-    if dist.is_initialized():
-        dist.barrier()
-    dcp.save(_dcp_state(models, optimizer), checkpoint_id=tmp / "state", no_dist=not dist.is_initialized())
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-{rank}.pt")
-    save_model(models["policy"], tokenizer, tmp / "policy")  # a collective under FSDP; ends with a barrier
+        try:
+            for stale in root.glob(".tmp-*"):
+                shutil.rmtree(stale)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+    _stop_if_save_failed(error, what, root, output_dir, tmp)
+    try:
+        dcp.save(_dcp_state(models, optimizer), checkpoint_id=tmp / "state", no_dist=not dist.is_initialized())
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng-{rank}.pt")
+    except Exception as e:  # a full disk: OSError(ENOSPC), or dcp's CheckpointException around the writer's error
+        error = e
+    _stop_if_save_failed(error, what, root, output_dir, tmp)
+    _stop_if_save_failed(_write_model(models["policy"], tokenizer, tmp / "policy"), what, root, output_dir, tmp)
     if rank == 0:
-        trainer = {"step": step, "scheduler": scheduler.state_dict(), "args": vars(args), "world_size": world_size}
-        torch.save({**trainer, "extra": extra or {}}, tmp / "trainer.pt")
-        if final.exists():  # the same step saved before (a run resumed from an earlier checkpoint)
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: the checkpoint now exists, complete
-        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            trainer = {"step": step, "scheduler": scheduler.state_dict(), "args": vars(args), "world_size": world_size}
+            torch.save({**trainer, "extra": extra or {}}, tmp / "trainer.pt")
+            if final.exists():  # the same step saved before (a run resumed from an earlier checkpoint)
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: the checkpoint now exists, complete
+            for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+                shutil.rmtree(old)
+        except Exception as e:
+            error = e
+    _stop_if_save_failed(error, what, root, output_dir, tmp)
     return final
 
 
