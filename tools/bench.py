@@ -59,8 +59,8 @@ from typing import Literal, Optional, Tuple
 REPO = Path(__file__).resolve().parent.parent  # the scripts and common.py; this file is in tools/
 sys.path.insert(0, str(REPO))  # import common and the scripts (for their Args and data functions)
 SCRIPTS = ("sft", "dpo", "tr_dpo", "kto", "una_offline", "una_online")
-DATA_KIND = {"sft": "sft", "dpo": "pairwise", "tr_dpo": "pairwise", "kto": "binary", "una_offline": "score", "una_online": "prompts"}
-HAS_REFERENCE = {"sft": False, "dpo": True, "tr_dpo": True, "kto": True, "una_offline": True, "una_online": True}
+DATA_KIND = {"sft": "sft", "dpo": "pairwise", "tr_dpo": "pairwise", "kto": "binary", "una_offline": "score", "una_online": "prompts", "ppo": "prompts"}
+HAS_REFERENCE = {"sft": False, "dpo": True, "tr_dpo": True, "kto": True, "una_offline": True, "una_online": True, "ppo": True}  # ppo: for tools/gpu_check.py
 # dense peak TFLOPS (bf16, fp32 without TF32) by GPU name; --peak-tflops for any other
 PEAK_TFLOPS = {"H100 PCIe": (756, 51), "H100": (989, 67), "H200": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6), "L4": (121, 30)}
 
@@ -122,19 +122,27 @@ class Args:
 # The benchmark model and data, written to disk so that the scripts load them as a user's.
 
 
+def build_tokenizer(vocab_size):
+    """A word-level tokenizer of `vocab_size` made-up words (w0, w1, ...; <pad> 0, <unk> 1, <bos> 2, <eos> 3),
+    so that random token ids round-trip through text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+
+
 def build_model(args, folder):
     """A random-weight Llama of the requested sizes with a word-level tokenizer of made-up
     words, saved to `folder`. Returns the folder."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(args.vocab_size - len(specials))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    tokenizer = build_tokenizer(args.vocab_size)
     config = LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
         num_hidden_layers=args.num_layers, num_attention_heads=max(1, args.hidden_size // 32), num_key_value_heads=max(1, args.hidden_size // 32),
@@ -197,7 +205,7 @@ def script_args(args, script, model, data, reward_model, output_dir):
     out = ["--model-name", model, "--dataset", str(Path(data, DATA_KIND[script])), "--output-dir", str(output_dir), "--seed", str(args.seed)]
     out += ["--max-steps", str(args.warmup_steps + args.steps), "--per-device-batch-size", str(args.batch_size)]
     out += ["--eval-split", "", "--sample-prompts", "0", "--max-prompt-length", str(args.seq_len // 2)]
-    if script == "una_online":
+    if DATA_KIND[script] == "prompts":  # una_online, ppo
         out += ["--reward-model", reward_model, "--max-new-tokens", str(args.max_new_tokens or args.seq_len // 2), "--log-samples-every", "0"]
     else:
         out += ["--max-length", str(args.seq_len)]
