@@ -5,6 +5,7 @@ save_checkpoint, load_checkpoint). No loss, model setup (DDP, FSDP, LoRA, the re
 training loop lives here: each script owns them and writes them where a reader sees them.
 """
 
+import errno
 import json
 import math
 import os
@@ -658,19 +659,20 @@ def _stop_if_save_failed(error, what, folder, run_dir, partial=None):
         failed = flag.item() > 0
     if not failed:
         return
-    if partial is not None and int(os.environ.get("RANK", 0)) == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # the next save would remove it; its space is free now
+    disk = shutil.disk_usage(next(p for p in [Path(folder).resolve(), *Path(folder).resolve().parents] if p.exists()))
     if isinstance(error, OSError) and error.strerror:
         reason = error.strerror
     elif error is not None:  # torch's writers wrap the failure (CheckpointException, "unexpected pos"): its last line
         reason = ([line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1][:300]
     else:
         reason = "another process's write failed"
-    disk = next(p for p in [Path(folder).resolve(), *Path(folder).resolve().parents] if p.exists())
-    free = shutil.disk_usage(disk).free / 2**20
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or disk.free < 0.01 * disk.total
+    space = f"{'the disk is full, ' if full else ''}{disk.free / 2**20:.1f} MiB left on it"
+    if partial is not None and int(os.environ.get("RANK", 0)) == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # the next save would remove it; its space is free now
     done = [p for p in sorted((Path(run_dir) / "checkpoints").glob("step-*")) if (p / "trainer.pt").exists()]
     resume = f"free space, then rerun with --resume-from {done[-1]}" if done else "no complete checkpoint to resume from"
-    raise SystemExit(f"could not save {what} to {folder}: {reason} ({free:.1f} MiB left on its disk); {resume}")
+    raise SystemExit(f"could not save {what} to {folder}: {reason}; {space}; {resume}")
 
 
 # A checkpoint, <output_dir>/checkpoints/step-00000100/, holds all that the next step depends on,
@@ -710,6 +712,7 @@ def save_checkpoint(output_dir, step, keep, tokenizer, models, optimizer, schedu
     import shutil
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     root = Path(output_dir) / "checkpoints"
@@ -729,7 +732,7 @@ def save_checkpoint(output_dir, step, keep, tokenizer, models, optimizer, schedu
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / f"rng-{rank}.pt")
-    except Exception as e:  # a full disk: OSError(ENOSPC), or dcp's CheckpointException around the writer's error
+    except (Exception, CheckpointException) as e:  # a full disk: OSError(ENOSPC), or dcp's CheckpointException (a BaseException)
         error = e
     _stop_if_save_failed(error, what, root, output_dir, tmp)
     _stop_if_save_failed(_write_model(models["policy"], tokenizer, tmp / "policy"), what, root, output_dir, tmp)

@@ -89,8 +89,8 @@ def test_full_disk_during_a_checkpoint_stops_in_one_line_and_the_previous_checkp
     out = tmp_path / "run"
     message = run("dpo", args + ["--output-dir", out])
     checkpoints = out / "checkpoints"
-    assert message == (f"could not save checkpoint step-00000003 to {checkpoints}: No space left on device (12.5 MiB "
-                       f"left on its disk); free space, then rerun with --resume-from {checkpoints / 'step-00000002'}")  # fmt: skip
+    assert message == (f"could not save checkpoint step-00000003 to {checkpoints}: No space left on device; the disk is full, "
+                       f"12.5 MiB left on it; free space, then rerun with --resume-from {checkpoints / 'step-00000002'}")  # fmt: skip
     assert disk == [str(checkpoints.resolve())]  # the space left on the checkpoints' disk
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000001", "step-00000002"]  # whole; the partial one removed
     assert not (out / "model.safetensors").exists()
@@ -117,8 +117,8 @@ def test_full_disk_while_saving_the_trained_policy_names_the_checkpoint_that_hol
     args = SHORT + ["--max-steps", "1", "--save-every", "1"] + SCRIPTS[script] + ["--output-dir", out]
     message = run(script, args)
     checkpoint = out / "checkpoints" / "step-00000001"
-    assert message == (f"could not save the trained policy to {out}: No space left on device (12.5 MiB left on its disk); "
-                       f"free space, then rerun with --resume-from {checkpoint}")  # fmt: skip
+    assert message == (f"could not save the trained policy to {out}: No space left on device; the disk is full, 12.5 MiB "
+                       f"left on it; free space, then rerun with --resume-from {checkpoint}")  # fmt: skip
     assert disk == [str(out.resolve())]
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
     assert run(script, args + ["--resume-from", checkpoint]) == ""  # no step left: it saves the checkpoint's policy
