@@ -71,31 +71,35 @@ def assert_same_weights(a, b):
 
 def test_full_disk_during_a_checkpoint_stops_in_one_line_and_the_previous_checkpoint_resumes(tmp_path, run, disk, monkeypatch):
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import filesystem
 
     args = SHORT + ["--max-steps", "3", "--save-every", "1"]
     assert run("dpo", args + ["--output-dir", tmp_path / "full"]) == ""
 
-    real_save, calls = dcp.save, []
+    real_save, real_write, calls = dcp.save, filesystem._write_item, []
 
-    def save_until_full(state, checkpoint_id, **kwargs):  # the third checkpoint (step 3) fills the disk midway
+    def save(state, checkpoint_id, **kwargs):
         calls.append(checkpoint_id)
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    def write_until_full(*args, **kwargs):  # the disk fills while the third checkpoint (step 3) writes its first tensor:
+        # dcp's writer raises OSError(ENOSPC), and dcp.save raises it wrapped in a CheckpointException (a BaseException)
         if len(calls) < 3:
-            return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
-        os.makedirs(checkpoint_id)
-        (checkpoint_id / "__0_0.distcp").write_bytes(b"\0" * 1000)  # a part written before the space ran out
+            return real_write(*args, **kwargs)
         raise ENOSPC
 
-    monkeypatch.setattr(dcp, "save", save_until_full)
+    monkeypatch.setattr(dcp, "save", save)
+    monkeypatch.setattr(filesystem, "_write_item", write_until_full)
     out = tmp_path / "run"
     message = run("dpo", args + ["--output-dir", out])
     checkpoints = out / "checkpoints"
-    assert message == (f"could not save checkpoint step-00000003 to {checkpoints}: No space left on device; the disk is full, "
-                       f"12.5 MiB left on it; free space, then rerun with --resume-from {checkpoints / 'step-00000002'}")  # fmt: skip
+    assert message == (f"could not save checkpoint step-00000003 to {checkpoints}: OSError: [Errno 28] No space left on device; "
+                       f"the disk is full, 12.5 MiB left on it; free space, then rerun with --resume-from {checkpoints / 'step-00000002'}")  # fmt: skip
     assert disk == [str(checkpoints.resolve())]  # the space left on the checkpoints' disk
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000001", "step-00000002"]  # whole; the partial one removed
     assert not (out / "model.safetensors").exists()
 
-    monkeypatch.setattr(dcp, "save", real_save)  # space freed: the same command, resumed
+    monkeypatch.setattr(filesystem, "_write_item", real_write)  # space freed: the same command, resumed
     assert run("dpo", args + ["--output-dir", out, "--resume-from", checkpoints / "step-00000002"]) == ""
     assert losses_of(out) == losses_of(tmp_path / "full")  # steps 1-2 of the stopped run, 3 resumed: exactly equal floats
     assert_same_weights(out / "model.safetensors", tmp_path / "full" / "model.safetensors")
