@@ -66,8 +66,10 @@ class Args:
     batch_size: int = 8
     """--per-device-batch-size (pairs for dpo and tr_dpo, prompts for una_online and ppo)"""
     seq_len: int = 512
-    """--max-length; una_online and ppo sample seq_len / 2 new tokens"""
-    budget_seconds: float = 450.0
+    """--max-length (prompts up to half of it)"""
+    max_new_tokens: int = 64
+    """una_online's and ppo's sampled completion length (a random model never samples EOS: every sample is this long)"""
+    budget_seconds: float = 420.0
     """no run or benchmark starts after this many seconds (it is then listed as skipped)"""
     bench_scripts: Tuple[str, ...] = bench.SCRIPTS
     """scripts that tools/bench.py measures (--tiny: dpo)"""
@@ -94,7 +96,10 @@ def build(args, work, device):
     """The random Qwen2 and its word-level tokenizer, saved to work/model (bf16: half the bytes to load;
     the scripts load it in fp32); the reward model and data of every kind. Returns (model folder, N)."""
     import torch
+    import transformers
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
 
     sizes = TINY if args.tiny else QWEN2_05B
     tokenizer = bench.build_tokenizer(sizes["vocab_size"])
@@ -106,6 +111,9 @@ def build(args, work, device):
     model.to(torch.bfloat16).save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     bench.build_reward_model(tokenizer, work / "reward_model", 1)
     bench.write_data(SimpleNamespace(seed=1, seq_len=args.seq_len), tokenizer, work / "data", args.batch_size * (args.steps + 1))
     return str(work / "model"), parameters
@@ -155,7 +163,7 @@ def start_bench(args, script, model, work):
     """tools/bench.py on `script`, started in the background (fresh subprocesses); bench_rows waits for it."""
     cmd = [sys.executable, str(REPO / "tools" / "bench.py"), "--model-name", model, "--scripts", script, "--precompute-variants",
            "--steps", str(args.steps - 1), "--warmup-steps", "1", "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--bf16", "True", "--gradient-checkpointing", "True", "--work-dir", str(work / "bench"), "--json-out", str(work / f"bench-{script}.json")]  # fmt: skip
+           "--max-new-tokens", str(args.max_new_tokens), "--bf16", "True", "--gradient-checkpointing", "True", "--work-dir", str(work / "bench"), "--json-out", str(work / f"bench-{script}.json")]  # fmt: skip
     with open(work / f"bench-{script}.log", "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=bench.child_env())
 
@@ -197,7 +205,7 @@ def main(args):
 
     start = time.time()
     if args.tiny:
-        args.batch_size, args.seq_len, args.steps, args.bench_scripts = 2, 32, 3, ("dpo",)
+        args.batch_size, args.seq_len, args.max_new_tokens, args.steps, args.bench_scripts = 2, 32, 8, 3, ("dpo",)
     if args.tiny:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA starts: the scripts (and bench's children) take a GPU they see
         os.environ["OMP_NUM_THREADS"] = "1"  # a tiny model gains nothing from threads; bench's children run meanwhile
@@ -212,7 +220,7 @@ def main(args):
         print(f"{device_name}: random Qwen2 of {parameters:,} parameters built in {time.time() - start:.0f} s; "
               f"bf16 peak {tflops or 'unknown'} TFLOPS; batch {args.batch_size}, --max-length {args.seq_len}, {args.steps} steps", flush=True)  # fmt: skip
         bench_args = SimpleNamespace(seed=1, warmup_steps=0, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                     max_new_tokens=0, bf16=True, gradient_checkpointing=True)  # fmt: skip
+                                     max_new_tokens=args.max_new_tokens, bf16=True, gradient_checkpointing=True)  # fmt: skip
         # --tiny: the bench's subprocesses run meanwhile (a CPU check, not a measurement); on a GPU, after the runs
         background = {s: start_bench(args, s, model, work) for s in args.bench_scripts} if args.tiny else {}
         rows = []
@@ -238,8 +246,9 @@ def main(args):
             rows += bench_rows(script, proc, work, remaining)
             print(f"bench {script}: done ({time.time() - start:.0f} s)", flush=True)
         print("\n" + table(rows))
-        print(f"\n{sum(not r['error'] for r in rows)}/{len(rows)} ok in {time.time() - start:.0f} s; logs in {work} (a temporary folder "
-              f"unless --work-dir)" + ("; peak MB on CPU: this process's peak RSS, shared by all runs" if not on_gpu else ""))  # fmt: skip
+        logs = f"logs in {work}" if args.work_dir else "logs removed (--work-dir keeps them)"
+        print(f"\n{sum(not r['error'] for r in rows)}/{len(rows)} ok in {time.time() - start:.0f} s; {logs}"
+              + ("; peak MB on CPU: this process's peak RSS, shared by all runs" if not on_gpu else ""))  # fmt: skip
 
 
 if __name__ == "__main__":
