@@ -648,7 +648,7 @@ def _write_model(model, tokenizer, output_dir):
 
 def _stop_if_save_failed(error, what, folder, run_dir, partial=None):
     """Every rank calls this after its writes (it is a barrier). If any rank's write failed (`error`: this
-    rank's exception or None), the `partial` folder is removed and every rank stops with one line: what
+    rank's exception or None), the `partial` folder is removed and every rank stops, rank 0 with one line: what
     could not be saved where, why, the space left on that disk, and the checkpoint of `run_dir` to resume from."""
     import shutil
 
@@ -659,6 +659,7 @@ def _stop_if_save_failed(error, what, folder, run_dir, partial=None):
         failed = flag.item() > 0
     if not failed:
         return
+    rank = int(os.environ.get("RANK", 0))
     disk = shutil.disk_usage(next(p for p in [Path(folder).resolve(), *Path(folder).resolve().parents] if p.exists()))
     if isinstance(error, OSError) and error.strerror:
         reason = error.strerror
@@ -668,11 +669,13 @@ def _stop_if_save_failed(error, what, folder, run_dir, partial=None):
         reason = "another process's write failed"
     full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or disk.free < 0.01 * disk.total
     space = f"{'the disk is full, ' if full else ''}{disk.free / 2**20:.1f} MiB left on it"
-    if partial is not None and int(os.environ.get("RANK", 0)) == 0:
+    if partial is not None and rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # the next save would remove it; its space is free now
     done = [p for p in sorted((Path(run_dir) / "checkpoints").glob("step-*")) if (p / "trainer.pt").exists()]
     resume = f"free space, then rerun with --resume-from {done[-1]}" if done else "no complete checkpoint to resume from"
-    raise SystemExit(f"could not save {what} to {folder}: {reason}; {space}; {resume}")
+    if dist.is_initialized():
+        dist.barrier()  # the partial folder is gone before any rank stops
+    raise SystemExit(f"could not save {what} to {folder}: {reason}; {space}; {resume}" if rank == 0 else 1)  # rank 0 says it
 
 
 # A checkpoint, <output_dir>/checkpoints/step-00000100/, holds all that the next step depends on,
