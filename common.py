@@ -306,8 +306,9 @@ def render_chat(tokenizer, prompt, completion):
     completion is what the template adds after the prompt with its generation prompt."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
-            "conversational rows (lists of messages) need a tokenizer with a chat template; this one has none: use "
-            "a chat model's tokenizer, set tokenizer.chat_template, or give the prompt and completions as plain strings"
+            f"conversational rows (lists of messages) need a tokenizer with a chat template; {tokenizer.name_or_path}'s "
+            "has none: use a chat model's tokenizer, set tokenizer.chat_template, or give the prompt and completions "
+            "as plain strings"
         )
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if completion is None:
