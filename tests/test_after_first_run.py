@@ -57,12 +57,19 @@ def test_resume_with_a_changed_learning_rate_applies_it(dpo_run, tmp_path):
     assert resumed[1]["loss"] != losses[4]  # step 4 follows an update at the new rate
 
 
-def test_resume_with_a_changed_beta_and_checkpointing_applies_them(dpo_run, tmp_path):
-    full_dir, full, _ = dpo_run
-    out = tmp_path / "resumed"
+@pytest.fixture(scope="module")
+def beta_resume(dpo_run, tmp_path_factory):
+    """dpo_run resumed from its step-2 checkpoint with a changed beta and checkpointing: (folder, metrics, output)."""
+    out = tmp_path_factory.mktemp("dpo") / "resumed"
     args = ["--lora-r", "4", "--beta", "0.2", "--save-every", "1", "--keep-checkpoints", "1"]
-    checkpoint = full_dir / "checkpoints" / "step-00000002"
+    checkpoint = dpo_run[0] / "checkpoints" / "step-00000002"
     resumed, log = run_script("dpo.py", SHORT + args + ["--resume-from", str(checkpoint), "--output-dir", str(out)])
+    return out, resumed, log
+
+
+def test_resume_with_a_changed_beta_and_checkpointing_applies_them(dpo_run, beta_resume):
+    _, full, _ = dpo_run
+    out, resumed, log = beta_resume
     assert "beta 0.1 -> 0.2" in log and "save_every 2 -> 1" in log and "keep_checkpoints 2 -> 1" in log
     assert "learning-rate schedule" not in log  # the schedule did not change, so the message says nothing of it
     # step 3 runs on the checkpoint's weights in both runs: the implicit rewards beta * (log pi - log ref) double.
@@ -146,14 +153,13 @@ def test_resume_refuses_a_change_of_what_the_weights_or_batches_are(checkpoint, 
 # 5. A quiet log, no empty file
 
 
-def test_a_lora_run_that_saves_and_resumes_prints_no_library_warning(dpo_run, tmp_path):
-    full_dir, _, log = dpo_run  # it saved checkpoints (dcp.save) with LoRA (peft)
-    checkpoint = full_dir / "checkpoints" / "step-00000002"  # loaded (dcp.load), then a checkpoint saved at step 4
-    _, log_resumed = run_script("dpo.py", SHORT + ["--lora-r", "4", "--save-every", "2", "--resume-from", str(checkpoint),
-                                                   "--output-dir", str(tmp_path / "resumed")])  # fmt: skip
+def test_a_lora_run_that_saves_and_resumes_prints_no_library_warning(dpo_run, beta_resume):
+    # dpo_run saved checkpoints (dcp.save) with LoRA (peft); beta_resume loaded one (dcp.load) and saved two
+    (full_dir, _, log), (resumed_dir, _, log_resumed) = dpo_run, beta_resume
+    assert "resumed from" in log_resumed
     for text in (log, log_resumed):
-        assert "resumed from" in log_resumed and "Warning" not in text, text
-    for folder in (full_dir, tmp_path / "resumed"):  # no samples were taken (--sample-prompts 0): no samples.jsonl
+        assert "Warning" not in text, text  # UserWarning, FutureWarning
+    for folder in (full_dir, resumed_dir):  # no samples were taken (--sample-prompts 0): no samples.jsonl
         assert (folder / "metrics.jsonl").stat().st_size > 0 and not (folder / "samples.jsonl").exists()
 
 
