@@ -98,7 +98,7 @@ def checkpoint_args(**changes):
     args = dict(dataset="d", train_split="train", seed=1, num_epochs=1, max_length=64, max_prompt_length=32,
                 per_device_batch_size=8, gradient_accumulation_steps=1, model_name="toy/sft-policy", lora_r=0,
                 lora_alpha=16.0, lora_target_modules=("all-linear",), updates_per_batch=1, learning_rate=1e-3,
-                weight_decay=0.0, warmup_ratio=0.5, lr_scheduler="cosine", max_steps=8, beta=0.1,
+                weight_decay=0.0, warmup_ratio=0.125, lr_scheduler="cosine", max_steps=8, beta=0.1,
                 resume_from="", output_dir="out")  # fmt: skip
     return SimpleNamespace(**{**args, **changes})
 
@@ -109,7 +109,7 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("change", [
-    {"learning_rate": 3e-3}, {"weight_decay": 0.1}, {"warmup_ratio": 0.0}, {"lr_scheduler": "linear"},
+    {"learning_rate": 3e-3}, {"weight_decay": 0.1}, {"warmup_ratio": 0.5}, {"lr_scheduler": "linear"},
     {"max_steps": 20}, {"learning_rate": 3e-3, "max_steps": 20, "lr_scheduler": "constant"},
 ])  # fmt: skip
 def test_resume_sets_the_changed_optimizer_arguments(checkpoint, change, capsys):
