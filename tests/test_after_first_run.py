@@ -81,6 +81,24 @@ def test_resume_with_a_changed_beta_and_checkpointing_applies_them(dpo_run, beta
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]  # every step, the last kept
 
 
+def test_ppo_resume_with_a_changed_learning_rate_applies_it_to_the_value_model_too(tmp_path):
+    # resumed at learning rate 0, neither the policy nor the value model may move: each of the second batch's
+    # 2 PPO epochs x 2 mini-batches then sees the same weights, so epoch 2 repeats epoch 1's numbers exactly
+    args = ["--per-device-batch-size", "8", "--sample-prompts", "0", "--eval-split", ""]
+    run_script("ppo.py", args + ["--max-steps", "4", "--save-every", "4", "--output-dir", str(tmp_path / "full")])
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-00000004"
+    resumed, log = run_script("ppo.py", args + ["--max-steps", "8", "--learning-rate", "0", "--resume-from",
+                                                str(checkpoint), "--output-dir", str(tmp_path / "r")])  # fmt: skip
+    assert "learning_rate 0.0001 -> 0.0" in log and "the next step's rate is 0" in log
+    assert [(r["step"], r["learning_rate"]) for r in resumed] == [(5, 0.0), (6, 0.0), (7, 0.0), (8, 0.0)]
+    for key in ("value_loss", "value", "loss"):
+        assert [resumed[2][key], resumed[3][key]] == [resumed[0][key], resumed[1][key]], key
+    from safetensors.torch import load_file
+
+    a, b = load_file(checkpoint / "policy" / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def saved_checkpoint(root, args):
     """Save a 2-step checkpoint of the toy policy (AdamW and LambdaLR as in the scripts) with `args`."""
     model = load_model("toy/sft-policy", torch.device("cpu"))
