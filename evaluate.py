@@ -132,7 +132,8 @@ def starting_model(checkpoint):
     checkpoints/step-*/policy folder inside it), or None (a hub id, a model that no run of ours wrote, or
     sft.py's --model-name scratch, a model built from nothing)."""
     path = Path(resolve_path(checkpoint, "checkpoint")).resolve()
-    for folder in [path, *path.parents][:4]:  # <run>/checkpoints/step-*/policy: the run is 3 folders up
+    folders = [path, *path.parents][:4] if path.is_dir() else []  # <run>/checkpoints/step-*/policy: 3 folders up
+    for folder in folders:
         if (folder / "args.json").is_file():
             name = json.load(open(folder / "args.json")).get("model_name")
             return None if name == "scratch" else name
@@ -140,14 +141,19 @@ def starting_model(checkpoint):
 
 
 def vocabulary(name):
-    """Token -> id of the tokenizer saved with model `name`, or, without one, its config's vocabulary size."""
+    """Token -> id of the tokenizer saved with model `name`, or, without one, its config's vocabulary size (its
+    embedding rows), or None (neither: load_model says what is wrong)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_path(name, "model")
     try:
         return AutoTokenizer.from_pretrained(path).get_vocab()
-    except (OSError, ValueError):  # no tokenizer files (a bare model or adapter): its embedding rows
+    except (OSError, ValueError):  # no tokenizer files (a bare model, an adapter)
+        pass
+    try:
         return AutoConfig.from_pretrained(path).vocab_size
+    except (OSError, ValueError):
+        return None
 
 
 def format_table(results):
@@ -212,7 +218,7 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.reference)
     for checkpoint in args.checkpoints:  # another vocabulary samples other tokens, or ids past the embeddings
         theirs, ours = vocabulary(checkpoint), tokenizer.get_vocab()
-        if (theirs != ours) if isinstance(theirs, dict) else (theirs < len(ours)):
+        if theirs is not None and ((theirs != ours) if isinstance(theirs, dict) else (theirs < len(ours))):
             size = len(theirs) if isinstance(theirs, dict) else theirs
             raise SystemExit(f"--reference {args.reference}: its vocabulary ({len(ours)} tokens) differs from "
                              f"{checkpoint}'s ({size} tokens); evaluate a checkpoint against the model it started "
