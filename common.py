@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -310,8 +311,9 @@ def render_chat(tokenizer, prompt, completion):
     completion is what the template adds after the prompt with its generation prompt."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
-            "conversational rows (lists of messages) need a tokenizer with a chat template; this one has none: use "
-            "a chat model's tokenizer, set tokenizer.chat_template, or give the prompt and completions as plain strings"
+            f"conversational rows (lists of messages) need a tokenizer with a chat template; {tokenizer.name_or_path}'s "
+            "has none: use a chat model's tokenizer, set tokenizer.chat_template, or give the prompt and completions "
+            "as plain strings"
         )
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if completion is None:
@@ -562,7 +564,11 @@ class MetricsLog:
         self.paths = [Path(args.output_dir) / name for name in ("metrics.jsonl", "samples.jsonl")]
         for path in self.paths:  # a resumed run writes the later steps again
             lines = open(path).readlines() if start_step > 0 and path.exists() else []
-            path.write_text("".join(x for x in lines if x.strip() and json.loads(x)["step"] <= start_step))
+            kept = "".join(x for x in lines if x.strip() and json.loads(x)["step"] <= start_step)
+            if kept:
+                path.write_text(kept)
+            else:  # no empty file: the first line written creates it
+                path.unlink(missing_ok=True)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -688,7 +694,12 @@ def _stop_if_save_failed(error, what, folder, run_dir, partial=None):
 # leaves the previous checkpoints intact (and a .tmp-* folder, removed by the next save). A write that
 # fails (a full disk) removes that folder and stops the run with one line naming the checkpoint to resume from.
 
-DATA_ORDER_ARGS = ("dataset", "train_split", "seed", "num_epochs", "max_length", "max_prompt_length")
+DATA_ORDER_ARGS = ("dataset", "train_split", "seed", "num_epochs", "max_length", "max_prompt_length",
+                   "updates_per_batch", "ppo_epochs", "num_mini_batches")  # the online scripts: steps per batch
+# What the restored weights are: a change would resume a policy other than the one saved.
+WEIGHTS_ARGS = ("model_name", "lora_r", "lora_alpha", "lora_target_modules")
+# What the restored optimizer and scheduler hold: resume_optimizer_args sets this run's values in them.
+OPTIMIZER_ARGS = ("learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler", "max_steps")
 
 
 def _dcp_state(models, optimizer):
@@ -730,7 +741,9 @@ def save_checkpoint(output_dir, step, keep, tokenizer, models, optimizer, schedu
             error = e
     _stop_if_save_failed(error, what, root, output_dir, tmp)
     try:
-        dcp.save(_dcp_state(models, optimizer), checkpoint_id=tmp / "state", no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # one process: what we asked for (no_dist), not worth a warning
+            warnings.filterwarnings("ignore", r"torch\.distributed is disabled, unavailable or uninitialized", UserWarning)
+            dcp.save(_dcp_state(models, optimizer), checkpoint_id=tmp / "state", no_dist=not dist.is_initialized())
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -752,6 +765,18 @@ def save_checkpoint(output_dir, step, keep, tokenizer, models, optimizer, schedu
             error = e
     _stop_if_save_failed(error, what, root, output_dir, tmp)
     return final
+
+
+def resume_optimizer_args(optimizer, scheduler, args):
+    """Put this run's --learning-rate (the peak) and --weight-decay into a restored optimizer and its LambdaLR
+    scheduler (their state holds the saved run's), and set the learning rate of the restored step on this run's
+    schedule (its lambdas, built from this run's warmup, decay and total steps): the same as the saved one
+    where nothing changed. All the scripts' optimizers have one parameter group at the peak rate."""
+    scheduler.base_lrs = [args.learning_rate for _ in optimizer.param_groups]
+    for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = args.learning_rate, args.weight_decay
+        group["lr"] = args.learning_rate * f(scheduler.last_epoch)  # as LambdaLR computes it
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def load_checkpoint(path, models, optimizer, scheduler, args, global_batch_size):
@@ -778,12 +803,17 @@ def load_checkpoint(path, models, optimizer, scheduler, args, global_batch_size)
     if changed:
         raise SystemExit(f"--resume-from {checkpoint}: the run's data order would differ from the checkpoint's "
                          f"({'; '.join(changed)}); resume with the same settings")
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}" for k in WEIGHTS_ARGS
+               if k in saved and saved[k] != getattr(args, k)]  # fmt: skip
+    if changed:
+        raise SystemExit(f"--resume-from {checkpoint}: its weights belong to other model settings "
+                         f"({'; '.join(changed)}); resume with the same settings")
     others = [f"{k} {v!r} -> {getattr(args, k)!r}" for k, v in saved.items() if k not in ("resume_from", "output_dir")
               and hasattr(args, k) and v != getattr(args, k)]  # fmt: skip
-    if others:
-        print0(f"resuming with changed arguments: {', '.join(others)}")
     state = _dcp_state(models, optimizer)
-    dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())  # each rank its shards
+    with warnings.catch_warnings():  # one process: what we asked for (no_dist), not worth a warning
+        warnings.filterwarnings("ignore", r"torch\.distributed is disabled, unavailable or uninitialized", UserWarning)
+        dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=not dist.is_initialized())  # each rank its shards
     strict = StateDictOptions(strict=False)  # the policy's frozen weights are not in the checkpoint
     for name, model in models.items():
         if name == "policy":
@@ -792,6 +822,15 @@ def load_checkpoint(path, models, optimizer, scheduler, args, global_batch_size)
         else:
             set_model_state_dict(model, state[name]["model"], options=strict)
     scheduler.load_state_dict(trainer["scheduler"])
+    saved_rate = scheduler.get_last_lr()[0]
+    resume_optimizer_args(optimizer, scheduler, args)
+    if others:  # every one applies: the optimizer's above, the others are read from args as the run goes
+        schedule = [k for k in OPTIMIZER_ARGS if k in saved and saved[k] != getattr(args, k)]
+        note = (f"; the learning-rate schedule continues at step {trainer['step']} on this run's settings (peak "
+                f"{args.learning_rate}, --warmup-ratio {args.warmup_ratio}, --lr-scheduler {args.lr_scheduler}, "
+                f"--max-steps {args.max_steps}): the next step's rate is {scheduler.get_last_lr()[0]:.4g}, "
+                f"not {saved_rate:.4g}") if schedule else ""  # fmt: skip
+        print0(f"resuming with changed arguments: {', '.join(others)}{note}")
     if world_size != trainer["world_size"]:
         print0(f"the checkpoint was written by {trainer['world_size']} process(es), this run has {world_size}: "
                "the same data order, but the random streams restart")

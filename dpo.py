@@ -24,6 +24,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -198,10 +199,6 @@ if __name__ == "__main__":
         raise SystemExit("--label-smoothing applies to --loss-type sigmoid only")
     if args.max_prompt_length >= args.max_length:
         raise SystemExit(f"--max-prompt-length {args.max_prompt_length} must be below --max-length {args.max_length}")
-    if master_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} pairs")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
@@ -238,7 +235,9 @@ if __name__ == "__main__":
 
         targets = "all-linear" if args.lora_target_modules == ("all-linear",) else list(args.lora_target_modules)
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
-        policy = get_peft_model(policy, config)  # B = 0: starts exactly as the base model; only B and A train
+        with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing: not ours to fix
+            warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+            policy = get_peft_model(policy, config)  # B = 0: starts exactly as the base model; only B and A train
     if args.fsdp:  # with one process too (one shard each), so that this code runs on one GPU
         # FSDP2: each decoder layer (the classes a transformers model names in _no_split_modules), then the
         # rest, is split into world_size shards; a layer is gathered only while it runs, and each process
@@ -316,6 +315,10 @@ if __name__ == "__main__":
         return {f"eval/{name}": value / count for name, value in sums.items()}
 
     # ------------------------------------------------------------------ training
+    if master_process:  # the output folder only once the inputs (model, tokenizer, data) have loaded
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
     models = {"policy": policy}  # what a checkpoint holds, with the optimizer, scheduler and RNG states
     step = 0
     if args.resume_from:

@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 import tyro
 
-from common import load_model, load_rows, load_tokenizer
+from common import load_model, load_rows, load_tokenizer, resolve_path, tokenize_examples
 from toy.evaluate import sample_records, true_reward, unique_prompts
 from toy.task import parse_prompt
 from una_online import (  # online UNA's reward model and reward function
@@ -58,8 +58,9 @@ class Args:
     # --- models and data ---
     checkpoints: Tuple[str, ...] = ()
     """trained policies to evaluate: local paths or hub ids (Hugging Face format, or a --lora-r run's adapter)"""
-    reference: str = "toy/sft-policy"
-    """hub id or local path of the reference (the starting policy); its tokenizer serves every policy"""
+    reference: Optional[str] = None
+    """hub id or local path of the reference; its tokenizer serves every policy (None: the checkpoints' starting
+    model, the model_name of their run's args.json; toy/sft-policy where none has one)"""
     dataset: str = "toy/data/prompts"
     """hub id, local folder, or .json/.jsonl/.parquet file whose "prompt" column gives the prompts"""
     split: str = "test"
@@ -85,7 +86,7 @@ class Args:
     batch_size: int = 32
     """completions sampled per forward pass (32 matches the scripts' end-of-run evaluation)"""
     bf16: Optional[bool] = None
-    """bf16 autocast (default: on for GPUs that support it, off on CPU)"""
+    """bf16 autocast (None: on for GPUs that support it, off on CPU)"""
 
 
 def win_rate(policy_rewards, reference_rewards):
@@ -126,6 +127,35 @@ def summarize(records, reference_records):
     }
 
 
+def starting_model(checkpoint):
+    """The model_name in the args.json of the run that wrote `checkpoint` (its output folder, or a
+    checkpoints/step-*/policy folder inside it), or None (a hub id, a model that no run of ours wrote, or
+    sft.py's --model-name scratch, a model built from nothing)."""
+    path = Path(resolve_path(checkpoint, "checkpoint")).resolve()
+    folders = [path, *path.parents][:4] if path.is_dir() else []  # <run>/checkpoints/step-*/policy: 3 folders up
+    for folder in folders:
+        if (folder / "args.json").is_file():
+            name = json.load(open(folder / "args.json")).get("model_name")
+            return None if name == "scratch" else name
+    return None
+
+
+def vocabulary(name):
+    """Token -> id of the tokenizer saved with model `name`, or, without one, its config's vocabulary size (its
+    embedding rows), or None (neither: load_model says what is wrong)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_path(name, "model")
+    try:
+        return AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError):  # no tokenizer files (a bare model, an adapter)
+        pass
+    try:
+        return AutoConfig.from_pretrained(path).vocab_size
+    except (OSError, ValueError):
+        return None
+
+
 def format_table(results):
     """Plain-text table of the reference and every checkpoint (results: list of metrics with a "model" key)."""
     rows = [("model", "reward", "+-", "KL (nats)", "win rate", "length")]
@@ -145,7 +175,8 @@ if __name__ == "__main__":
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ------------------------------------------------------------------ prompts and reward
-    prompts = unique_prompts(load_rows(args.dataset, args.split, "prompts"))
+    rows = load_rows(args.dataset, args.split, "prompts")
+    prompts = unique_prompts(rows)
     prompts = prompts[: args.sample_prompts] if args.sample_prompts > 0 else prompts
     if args.reward_fn and args.reward_model:
         raise SystemExit(f"give --reward-fn ({args.reward_fn}) or --reward-model ({args.reward_model}), not both")
@@ -170,7 +201,30 @@ if __name__ == "__main__":
                          "pass a --reward-model or a --reward-fn to score them")
 
     # ------------------------------------------------------------------ reference, then each checkpoint
+    if args.reference is None:  # the model the checkpoints started from, which their training used as reference
+        starts = {checkpoint: starting_model(checkpoint) for checkpoint in args.checkpoints}
+        named = {m for m in starts.values() if m is not None}
+        if len(named) > 1:
+            listed = ", ".join(f"{c}: {m}" for c, m in starts.items())
+            raise SystemExit(f"the checkpoints start from different models ({listed}): evaluate them apart, or name "
+                             "one --reference")
+        if named:
+            args.reference = named.pop()
+            print(f"reference: {args.reference}, the checkpoints' starting model (the model_name in their args.json)")
+        else:
+            args.reference = "toy/sft-policy"
+            print("reference: toy/sft-policy, the built-in task's starting policy (no checkpoint names its starting "
+                  "model in an args.json; --reference names another)")
     tokenizer = load_tokenizer(args.reference)
+    for checkpoint in args.checkpoints:  # another vocabulary samples other tokens, or ids past the embeddings
+        theirs, ours = vocabulary(checkpoint), tokenizer.get_vocab()
+        if theirs is not None and ((theirs != ours) if isinstance(theirs, dict) else (theirs < len(ours))):
+            size = len(theirs) if isinstance(theirs, dict) else theirs
+            raise SystemExit(f"--reference {args.reference}: its vocabulary ({len(ours)} tokens) differs from "
+                             f"{checkpoint}'s ({size} tokens); evaluate a checkpoint against the model it started "
+                             "from (the default: the model_name in its run's args.json)")
+    source = f"{args.dataset} [{args.split}]"  # a prompt the tokenizer cannot take fails here, named
+    tokenize_examples(tokenizer, rows, [], 10**9, 10**9, stats=False, source=source)
     reference = load_model(args.reference, device).eval().requires_grad_(False)
     print(f"{len(prompts)} prompts x {args.samples_per_prompt} samples, seed {args.seed}, on {device.type}")
     sample_args = (args.samples_per_prompt, args.max_new_tokens, args.batch_size, device, args.seed, bf16, score)

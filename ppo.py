@@ -63,6 +63,7 @@ import numbers
 import os
 import resource
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -84,6 +85,7 @@ from common import (
     load_tokenizer,
     lr_lambda,
     print0,
+    resume_optimizer_args,
     save_checkpoint,
     save_model,
     setup_distributed,
@@ -444,10 +446,6 @@ if __name__ == "__main__":
                          "give a --reward-model or a --reward-fn module:function")
     reward_fn_name = args.reward_fn or ("" if args.reward_model else "toy.task:rewards")
     reward_range = args.reward_range or ((0.0, 1.0) if reward_fn_name == "toy.task:rewards" else None)  # or sigmoid
-    if master_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} prompts")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
@@ -495,9 +493,11 @@ if __name__ == "__main__":
 
         targets = "all-linear" if args.lora_target_modules == ("all-linear",) else list(args.lora_target_modules)
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
-        policy = get_peft_model(policy, config)  # B = 0: starts exactly as the base model; only B and A train
-        value_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets)
-        value_model.backbone = get_peft_model(value_model.backbone, value_config)  # the head trains in full
+        with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing: not ours to fix
+            warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+            policy = get_peft_model(policy, config)  # B = 0: starts exactly as the base model; only B and A train
+            value_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets)
+            value_model.backbone = get_peft_model(value_model.backbone, value_config)  # the head trains in full
     if args.fsdp:  # with one process too (one shard each), so that this code runs on one GPU
         # FSDP2: each decoder layer (the classes a transformers model names in _no_split_modules), then the
         # rest, is split into world_size shards; a layer is gathered only while it runs, and each process
@@ -625,6 +625,10 @@ if __name__ == "__main__":
         return 1.0 - (e2 - e**2) / max(r2 - r**2, 1e-12), sums[7:]
 
     # ------------------------------------------------------------------ training
+    if master_process:  # the output folder only once the inputs (model, tokenizer, data) have loaded
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
     torch.manual_seed(args.seed + rank)  # sampling differs on every rank
     models = {"policy": policy, "value": value_model}  # what a checkpoint holds, with the optimizer, scheduler, RNG
     step = 0
@@ -635,6 +639,7 @@ if __name__ == "__main__":
         set_optimizer_state_dict(value_model, value_optimizer, extra["value_optimizer"],
                                  options=StateDictOptions(full_state_dict=True))  # each rank keeps its shard
         value_scheduler.load_state_dict(extra["value_scheduler"])
+        resume_optimizer_args(value_optimizer, value_scheduler, args)  # this run's learning rate, as the policy's
     metrics_log = MetricsLog(args, master_process, step, total_steps, show=("loss", "reward/mean", "kl"))
     start_time = time.time()
 
