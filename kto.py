@@ -91,11 +91,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
-    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    """fraction of the optimizer steps spent warming up the learning rate linearly: step s < w uses (s + 1) / (w + 1)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup"""
     max_grad_norm: float = 10.0
-    """gradient clipping threshold (global L2 norm)"""
+    """gradient clipping threshold, global L2 norm (the papers give none; Hugging Face Trainer and TRL: 1.0)"""
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
@@ -247,7 +247,6 @@ if __name__ == "__main__":
             json.dump(vars(args), f, indent=2)
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} examples")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
-    weights = (args.desirable_weight, args.undesirable_weight)  # lambda_D, lambda_U
 
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
@@ -256,10 +255,11 @@ if __name__ == "__main__":
     eval_rows = load_rows(args.dataset, args.eval_split, kind) if args.eval_split != "" else []
     if kind == "pairwise":  # unpaired (with --seed): each chosen completion desirable, each rejected one not
         train_rows, eval_rows = unpair_rows(train_rows, args.seed), unpair_rows(eval_rows, args.seed)
-    fields, lengths = ["completion"], (args.max_length, args.max_prompt_length)
+    fields = ["completion"]
+    lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
-    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
-    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
     for example, row in zip(train_examples + eval_examples, train_rows + eval_rows):
         example["label"] = bool(row["label"])  # True: desirable
     num_desirable = sum(e["label"] for e in train_examples)
@@ -381,7 +381,9 @@ if __name__ == "__main__":
                 desirable = torch.tensor([eval_examples[i]["label"] for i in indices], device=device)  # (B,)
                 policy_logps = forward_completions(model, batch)
                 reference_logps = reference_completions(batch)
-                losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, args.beta, *weights)
+                losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, beta=args.beta,
+                                           desirable_weight=args.desirable_weight,
+                                           undesirable_weight=args.undesirable_weight)  # lambda_D, lambda_U
                 for name, value in {
                     "loss": losses[counted].sum(),
                     "rewards/chosen": rewards[counted & desirable].sum(),
@@ -424,7 +426,9 @@ if __name__ == "__main__":
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
                 policy_logps = forward_completions(policy, batch)
                 reference_logps = reference_completions(batch)
-                losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, args.beta, *weights)
+                losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, beta=args.beta,
+                                           desirable_weight=args.desirable_weight,
+                                           undesirable_weight=args.undesirable_weight)  # lambda_D, lambda_U
                 (losses.mean() / args.gradient_accumulation_steps).backward()
             for name, value in {
                 "loss": losses.detach().sum(),
@@ -489,9 +493,12 @@ if __name__ == "__main__":
     if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency
         from toy.evaluate import compare_policies
 
-        sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
-        sampling = (*sampling, args.seed, device, bf16)
-        results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        results.update(compare_policies(
+            trained=args.output_dir, starting=args.model_name, tokenizer=tokenizer, rows=eval_rows,
+            num_prompts=args.sample_prompts, samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens, batch_size=args.per_device_batch_size, seed=args.seed, device=device,
+            bf16=bf16,
+        ))
         metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

@@ -77,11 +77,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
-    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    """fraction of the optimizer steps spent warming up the learning rate linearly: step s < w uses (s + 1) / (w + 1)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup"""
     max_grad_norm: float = 1.0
-    """gradient clipping threshold (global L2 norm)"""
+    """gradient clipping threshold, global L2 norm (the papers give none; Hugging Face Trainer and TRL: 1.0)"""
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 64
@@ -206,10 +206,11 @@ if __name__ == "__main__":
     train_rows = load_rows(args.dataset, args.train_split, "sft")
     eval_rows = load_rows(args.dataset, args.eval_split, "sft") if args.eval_split != "" else []
     tokenizer = build_scratch_tokenizer(train_rows) if scratch else load_tokenizer(args.model_name)
-    fields, lengths = ["completion"], (args.max_length, args.max_prompt_length)
+    fields = ["completion"]
+    lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
-    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
-    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
         raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
@@ -364,10 +365,11 @@ if __name__ == "__main__":
 
         # the starting policy (a scratch model: the same random weights again) and the saved trained policy, whole on
         # every rank, each sampling its share of the prompts; no KL (the starting policy is no reference here)
-        sampling = (unique_prompts(eval_rows)[: args.sample_prompts], args.samples_per_prompt, args.max_new_tokens)
-        sampling = (tokenizer, *sampling, args.per_device_batch_size, device, args.seed, bf16)
-        start = sample_eval(load_starting_policy(), None, *sampling)
-        end = sample_eval(load_model(args.output_dir, device), None, *sampling)
+        prompts = unique_prompts(eval_rows)[: args.sample_prompts]
+        sampling = dict(samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.per_device_batch_size, device=device, seed=args.seed, bf16=bf16)
+        start = sample_eval(load_starting_policy(), None, tokenizer, prompts, **sampling)
+        end = sample_eval(load_model(args.output_dir, device), None, tokenizer, prompts, **sampling)
         results.update(starting_policy=start, trained_policy=end)
         runs = (("starting", start), ("trained", end))
         metrics_log.log_samples(step, [{"policy": name, **r} for name, run in runs for r in run["examples"]])
