@@ -205,8 +205,8 @@ def mismatched_pairs(examples, indices, max_length):
 
 
 def forward_completions(model, batch):
-    """Log-probs (B,) of the completions of a batch (of examples or of mismatched pairs)."""
-    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+    """Log-probs (N,) of the batch's N completions in one forward pass."""
+    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]  # (N,)
 
 
 def means(sums):

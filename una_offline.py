@@ -3,16 +3,18 @@
 RLHF maximizes E[r(x,y)] - beta KL(pi || ref). Its optimal policy satisfies r(x,y) = beta log(pi(y|x)/ref(y|x))
 + f(x) + c (Eq. 6): the reward equals the scaled log-ratio, up to a term that depends on the prompt alone (f(x))
 and a constant (c). UNA sets f = c = 0, so that beta * rho, with rho = log pi(y|x) - log ref(y|x), is the policy's
-implicit reward, and trains it onto the feedback by supervised learning, with no reward model and no RL:
+implicit reward, and trains it by supervised learning onto a target s_phi in [0, 1] per completion:
 
     rho     = log pi(y|x) - log ref(y|x)         summed over the completion's tokens
     s_theta = sigmoid(beta * rho)                                              (Eq. 8)
-    L       = E[g(s_phi(x, y), s_theta(x, y))], s_phi the target in [0, 1]     (Eq. 9)
+    L       = E[g(s_phi(x, y), s_theta(x, y))], the mean over the completions  (Eq. 9)
 
 ref is the frozen starting policy, --model-name: a second copy of it, or with --lora-r the policy itself with its
 LoRA adapter switched off. At the start pi = ref, so rho = 0 and s_theta = 0.5; training drives beta * rho toward
 logit(s_phi). A target above 0.5 raises the completion's probability, below 0.5 lowers it, and 0.5 means "no
-change" (a score of 5.5 on a 1-10 scale, for example). s_phi and g for each --feedback:
+change" (a score of 5.5 on a 1-10 scale, for example).
+
+s_phi and g for each --feedback:
 
     pairwise  s_phi 1 for the chosen y_w, 0 for the rejected y_l; g = -log sigmoid(beta (rho_w - rho_l)) (Eq. 10,
               which is DPO)
@@ -24,8 +26,8 @@ change" (a score of 5.5 on a 1-10 scale, for example). s_phi and g for each --fe
 The paper prints a minus before the squared error of Eq. 11 and of Eq. 13: typos (the authors' code minimizes the
 positive squared error, as here). una_online.py is the same loss on samples of the policy, scored as it trains.
 
-The method: una_loss, and the lines marked "# ALGO LOGIC" (targets, log-ratios, loss, step). The rest is setup,
-data, checkpoints and logging, the same in every script.
+The method: una_loss, and the lines marked "# ALGO LOGIC" (the targets s_phi, the log-ratios, the loss, the
+step). The rest is setup, data, checkpoints and logging, the same in every script.
 
 Run (in a folder with this file and common.py, on your own model and data):
     python una_offline.py --model-name path/to/sft-model --dataset my_ratings.jsonl --score-range 1 10 --beta 0.03

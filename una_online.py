@@ -3,41 +3,40 @@
 RLHF maximizes E[r(x,y)] - beta KL(pi || ref). Its optimal policy satisfies r(x,y) = beta log(pi(y|x)/ref(y|x))
 + f(x) + c (Eq. 6): the reward equals the scaled log-ratio, up to a term that depends on the prompt alone (f(x))
 and a constant (c). UNA sets f = c = 0, so that beta * rho, with rho = log pi(y|x) - log ref(y|x), is the policy's
-implicit reward, and trains it onto an explicit reward by supervised learning. Online, for each batch of
-prompts: sample y ~ pi(.|x), score each sample, and take a step on una_offline.py's loss with g = mse:
+implicit reward, and trains it by supervised learning onto a target s_phi in [0, 1] per completion:
 
-    rho     = log pi(y|x) - log ref(y|x)         summed over the generated tokens
+    rho     = log pi(y|x) - log ref(y|x)         summed over the completion's tokens
     s_theta = sigmoid(beta * rho)                                              (Eq. 8)
-    s_phi   = the sample's score normalized into [0, 1]
-    L       = (s_theta - s_phi)^2, the mean over the samples                   (Eq. 9 with g = mse, as Eq. 13)
+    L       = E[g(s_phi(x, y), s_theta(x, y))], the mean over the completions  (Eq. 9)
 
 ref is the frozen starting policy, --model-name: a second copy of it, or with --lora-r the policy itself with its
 LoRA adapter switched off. At the start pi = ref, so rho = 0 and s_theta = 0.5; training drives beta * rho toward
-logit(s_phi). A target above 0.5 raises the sample's probability, below 0.5 lowers it, and 0.5 means "no change".
-s_phi is built from the raw score of a --reward-fn (any Python function) or a --reward-model: min-max from
---reward-range LOW HIGH into [0, 1], clipped, or with no range sigmoid(score) (the paper says only "normalized";
-the sigmoid is the authors' code's, una_peft.py). The built-in task's reward is already in [0, 1].
+logit(s_phi). A target above 0.5 raises the completion's probability, below 0.5 lowers it, and 0.5 means "no
+change" (a score of 5.5 on a 1-10 scale, for example).
 
-A supervised replacement for PPO: no value model, no advantages, no clipping, one step per batch of samples;
-the KL to the reference is controlled only through beta. The paper prints a minus before the squared error of
-Eq. 13 (and Eq. 11): typos, the authors' code minimizes the positive squared error. How this script departs
-from the paper and from the authors' code:
+Online, for each batch of prompts: sample y ~ pi(.|x), score each sample with a --reward-fn (any Python
+function) or a --reward-model, take s_phi = the score min-maxed from --reward-range LOW HIGH into [0, 1],
+clipped, or with no range sigmoid(score) (the paper says only "normalized"; the sigmoid is the authors' code's,
+una_peft.py), and take one step with g = (s_theta - s_phi)^2 (Eq. 13). PPO's job with no value model, no
+advantages, no clipping: the KL to ref is controlled only through beta.
+
+The paper prints a minus before the squared error of Eq. 11 and of Eq. 13: typos (the authors' code minimizes the
+positive squared error, as here). How this script departs from the paper and the authors' code:
   1. rho is taken against the frozen reference, as in the paper; the authors' code uses the rollout-time policy
      there, keeps PPO's value model (which we drop) and takes 4 passes over each batch of samples (we take one).
   2. `--missing-eos-penalty` (the authors' code: 1.0; ours: 0 by default) is subtracted from the raw score of
      a sample that did not end with EOS, before normalization. A sample cut off at --max-new-tokens is scored
      as it stands (the built-in task's are ungrammatical, 0).
 
-The method: una_loss, and the lines marked "# ALGO LOGIC" (sampling, scoring, log-ratios, loss, step). The
-rest is setup, data, checkpoints and logging, the same in every script; common.Scorer turns scores into s_phi.
+The method: una_loss, and the lines marked "# ALGO LOGIC" (the targets s_phi, the log-ratios, the loss, the
+step). The rest is setup, data, checkpoints and logging, the same in every script.
 
-Data: the prompts of any dataset; only the "prompt" column is read (plain text or a list of messages). A reward
-function f(prompts, completions) gets the prompts as they are and each completion as text (for a list of
-messages, [{"role": "assistant", "content": text}]), and returns one finite number per sample.
+Data: the "prompt" column of any dataset (plain text or a list of messages). A reward function f(prompts,
+completions) gets the prompts as they are and each completion as text (for a list of messages,
+[{"role": "assistant", "content": text}]), and returns one finite number per sample.
 
 Run (in a folder with this file and common.py, on your own model, prompts and reward):
-    python una_online.py --model-name path/to/sft-model --dataset my_prompts.jsonl --reward-fn my_rewards.py:score \\
-        --reward-range 0 1
+    python una_online.py --model-name path/to/sft-model --dataset my_prompts.jsonl --reward-fn my_rewards.py:score
     torchrun --nproc_per_node 8 una_online.py --model-name Qwen/Qwen2-1.5B-Instruct \\
         --dataset trl-lib/ultrafeedback-prompt --reward-model Ray2333/GRM-Gemma-2B-rewardmodel-ft \\
         --beta 0.03 --learning-rate 5e-6 --per-device-batch-size 8 --max-new-tokens 256 \\
@@ -90,7 +89,7 @@ from common import (
 class Args:
     # --- model and data ---
     model_name: str = "toy/sft-policy"
-    """hub id or local path of the starting policy (usually SFT); the frozen reference is a copy"""
+    """hub id or local path of the starting policy (usually SFT), where the reference starts"""
     dataset: str = "toy/data/prompts"
     """hub id, local folder, or .json/.jsonl/.parquet file of rows with a "prompt" column (others are ignored)"""
     train_split: str = "train"
