@@ -27,6 +27,8 @@ Run:
     python evaluate.py --checkpoints runs/una_online --reward-fn my_rewards.py:score \
         --dataset my_prompts.jsonl --split train
 
+The method: win_rate, and the lines marked "# ALGO LOGIC" (sampling and scoring, the KL, the win rate).
+
 Outputs: a table on screen and --output (JSON: the arguments, "reference" and the list
 "checkpoints" in the order given, each with its metrics and a few example completions).
 """
@@ -87,6 +89,7 @@ def win_rate(policy_rewards, reference_rewards):
 
     policy_rewards, reference_rewards: dicts prompt -> list of rewards of that prompt's samples.
     """
+    # ALGO LOGIC: every pair of one prompt's policy and reference samples, ties counting half
     rates = []
     for prompt, rewards in policy_rewards.items():
         reference = reference_rewards[prompt]
@@ -157,6 +160,7 @@ if __name__ == "__main__":
     print(f"{len(prompts)} prompts x {args.samples_per_prompt} samples, seed {args.seed}, on {device.type}")
     sampling = dict(samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                     batch_size=args.batch_size, device=device, seed=args.seed, bf16=bf16, score=score)
+    # ALGO LOGIC: the same prompts and seed for every model; each sample's reward and log-ratio to the reference
     reference_records = sample_records(reference, None, tokenizer, prompts, **sampling)
     results = [{"model": args.reference, **summarize(reference_records, reference_records)}]
     for checkpoint in args.checkpoints:

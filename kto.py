@@ -10,6 +10,10 @@ reference above a reference point z_ref on desirable y and below it on the other
 
 with z_ref's mean over the mismatched pairs of every micro-batch of the step (Eq. 8), and pairwise rows unpaired.
 
+The method: kto_loss, reference_point, mismatched_pairs, update_reference, and the lines marked "# ALGO LOGIC"
+(z_ref, the log-ratios, the loss, the step, the reference update). The rest is setup, data, checkpoints and
+logging, the same in every script.
+
 Run:
     python kto.py                                      # built-in task, CPU, about a minute
     python kto.py --ref-sync-steps 32                  # TR-KTO (2404.09656): the reference moves every 32 steps
@@ -415,6 +419,7 @@ if __name__ == "__main__":
 
     for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
         step_start = time.time()
+        # ALGO LOGIC: the reference point z_ref, before any gradient
         with autocast:  # z_ref before any gradient, over the mismatched pairs of every micro-batch of every rank
             kl = reference_point([mismatched_logratios(train_examples, m) for m in micro_batches_of(batch_indices)])
         sums = {}  # named sums over this rank's examples of the step, then over the ranks
@@ -424,6 +429,7 @@ if __name__ == "__main__":
             desirable = torch.tensor([train_examples[i]["label"] for i in indices], device=device)  # (B,)
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                # ALGO LOGIC: the log-probs of the policy and the reference, the loss, its gradient
                 policy_logps = forward_completions(policy, batch)
                 reference_logps = reference_completions(batch)
                 losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, beta=args.beta,
@@ -441,6 +447,7 @@ if __name__ == "__main__":
                 "count": torch.tensor(len(losses)),
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
         if world_size > 1:
@@ -464,6 +471,7 @@ if __name__ == "__main__":
         metrics = {"step": step, "epoch": epoch, "kl": kl, **means(sums)}
         metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
+        # ALGO LOGIC: every tau steps the reference moves towards the policy (TR-KTO, off by default)
         if args.ref_sync_steps > 0 and step % args.ref_sync_steps == 0:  # TR-KTO: the reference moves (2404.09656)
             metrics["ref/param_distance"] = update_reference(model, reference, args.ref_mixup_alpha)
         if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:

@@ -20,6 +20,10 @@ optimizer step per mini-batch. What PPO needs that online UNA does not: a value 
 network with a scalar head, trained alongside the policy, with its own optimizer), per-token
 log-probs, GAE, whitening, clipping, and several passes per batch.
 
+The method: token_rewards, gae, ppo_losses, ValueModel, and the lines marked "# ALGO LOGIC" (sampling and
+scoring, the advantages, the losses, the steps). The rest is setup, data, checkpoints and logging, the same in
+every script; common.Scorer turns scores into s_phi, as in una_online.py.
+
 How this script departs from the papers and N+:
   1. The score at the last token is the normalized s_phi in [0, 1] of una_online.py (same
      --reward-fn / --reward-model / --reward-range), so beta and the reward live on the same scale
@@ -257,6 +261,7 @@ def value_model_from(causal_lm):
 def token_rewards(policy_logps, reference_logps, scores, mask, beta):
     """r_t (B, T-1): -beta (log pi_old - log ref) on every completion token, plus the score s_phi (B,) on each
     row's last one (Ziegler et al. 2019 Eq. 2, per token as in N+); 0 off the mask."""
+    # ALGO LOGIC: the KL penalty on every token, the score on the last
     rewards = -beta * (policy_logps - reference_logps) * mask  # (B, T-1)
     last = mask.cumsum(-1).argmax(-1)  # (B,): the first position where the count of tokens peaks, the last token
     return rewards.index_put((torch.arange(len(mask), device=mask.device), last), scores, accumulate=True)
@@ -271,6 +276,7 @@ def gae(rewards, values, mask, gamma, lam):
     mask = mask.float()
     advantages = torch.zeros_like(rewards)
     next_value, next_advantage = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])  # (B,)
+    # ALGO LOGIC: the advantages from the last token back
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,) Eq. 12
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]  # (B,) Eq. 11, recursively
@@ -281,6 +287,7 @@ def gae(rewards, values, mask, gamma, lam):
 def ppo_losses(policy_logps, old_logps, advantages, values, old_values, returns, clip_range, clip_range_value):
     """Per-token PPO losses, all (B, T-1) (average them over the mask): the clipped policy loss (PPO Eq. 7, as a
     loss), the clipped value loss (N+), and whether the ratio was clipped, with log(pi / pi_old) (detached)."""
+    # ALGO LOGIC: PPO's clipped surrogate, and the clipped value loss
     logratio = policy_logps - old_logps  # (B, T-1)
     ratio = torch.exp(logratio)  # (B, T-1)
     clipped_ratio = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
@@ -425,7 +432,6 @@ if __name__ == "__main__":
             completion_ids, ended = generate(model, tokenizer, prompt_ids, args.max_new_tokens, device,
                                              temperature=args.temperature, top_p=args.top_p)  # each cut after EOS
         score_start = time.time()
-        # ALGO LOGIC: the score of each sample, and s_phi, its normalization into [0, 1]
         scores, s_phi = scorer(prompts, prompt_ids, completion_ids, ended)  # (B,), (B,)
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
         # generation is left-padded; the training batch is padded on the right
@@ -531,7 +537,9 @@ if __name__ == "__main__":
             for micro_step in range(args.gradient_accumulation_steps):
                 indices = batch_indices[(micro_step * world_size + rank) * B :][:B]  # common.micro_batch's layout
                 examples, prompts = [train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices]
+                # ALGO LOGIC: sample y ~ pi_old(.|x) for this micro-batch's prompts, score each sample: s_phi
                 samples.append(sample_and_score(examples, prompts))
+            # ALGO LOGIC: per-token rewards, GAE advantages (whitened over the batch) and returns
             explained_variance, mini_batch_tokens = advantages(samples)
         train_start = time.time()
         ppo_epoch, mini_batch = divmod(step % updates_per_batch, M)
@@ -544,6 +552,7 @@ if __name__ == "__main__":
             no_sync = (policy.no_sync(), value_model.no_sync()) if skip_sync else (nullcontext(), nullcontext())
             with no_sync[0], no_sync[1]:
                 with autocast:
+                    # ALGO LOGIC: the policy's log-probs and the values, the clipped losses, their gradient
                     policy_logps, _ = token_logps(policy, **batch)  # (b, T-1)
                     values = value_model(**batch)  # (b, T-1)
                     policy_losses, value_losses, clipped, logratio = ppo_losses(
@@ -571,6 +580,7 @@ if __name__ == "__main__":
                 "count": torch.tensor(len(mask)),
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per mini-batch, for the policy and the value model
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))

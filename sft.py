@@ -10,6 +10,9 @@ word-level tokenizer (the `tokenizers` library) over the training data and a tin
 Llama-style model from random initialization. `toy/sft-policy`, the default starting
 policy of every other script, was made by `python sft.py --output-dir toy/sft-policy`.
 
+The method: sft_loss, and the lines marked "# ALGO LOGIC" (the log-probs, the loss, the step). The rest is
+setup, data, checkpoints and logging, the same in every script.
+
 Run:
     python sft.py                                      # built-in task, CPU, about a minute
     torchrun --nproc_per_node 8 sft.py --model-name Qwen/Qwen2-0.5B --dataset trl-lib/Capybara \\
@@ -174,6 +177,7 @@ def sft_loss(policy_logps, num_tokens):
     policy_logps: (B,) summed log-probs of each completion; num_tokens: the completion tokens of
     the whole step (every micro-batch of every rank), so that the shares add up to the token-level
     mean over the global batch, however it is split over processes and micro-steps."""
+    # ALGO LOGIC: the negative log-likelihood of the completion tokens, a mean over the global batch's tokens
     return -policy_logps.sum() / num_tokens
 
 
@@ -304,6 +308,7 @@ if __name__ == "__main__":
             batch = make_batch([train_examples[i] for i in indices])
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                # ALGO LOGIC: the log-probs of the policy, the loss, its gradient
                 policy_logps, num_tokens = sequence_logps(policy, **batch)  # (B,) each
                 loss = sft_loss(policy_logps, step_tokens)
                 (loss * world_size).backward()  # DDP and FSDP average the ranks' gradients: * world_size makes it a sum
@@ -313,6 +318,7 @@ if __name__ == "__main__":
                 "count": num_tokens.sum(),  # completion tokens: the loss is per completion token
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
         if world_size > 1:

@@ -5,9 +5,12 @@ reference on y_w relative to y_l:
 
     h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
     L = -log sigmoid(beta * h)                                        (Eq. 7)
-    every tau steps:  theta_ref <- alpha * theta + (1 - alpha) * theta_ref          (2404.09656)
+    every tau steps:  theta_ref <- alpha * theta + (1 - alpha) * theta_ref     (update_reference; 2404.09656)
 
 with conservative DPO (label smoothing) and IPO (`--loss-type ipo`) as options.
+
+The method: dpo_loss, and the lines marked "# ALGO LOGIC" (the log-ratios, the loss, the step). The rest is
+setup, data, checkpoints and logging, the same in every script.
 
 Run:
     python tr_dpo.py                                   # built-in task, CPU, about a minute
@@ -74,7 +77,7 @@ class Args:
 
     # --- algorithm ---
     beta: float = 0.1
-    """strength of the KL penalty to the reference: larger stays closer (the paper: 0.05)"""
+    """strength of the KL penalty to the reference: larger stays closer (DPO paper: 0.1; TR-DPO paper: 0.05)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: DPO (Eq. 7 of 2305.18290); ipo: IPO (Eq. 17 of 2310.12036) on length-averaged log-probs"""
     label_smoothing: float = 0.0
@@ -160,6 +163,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are the implicit rewards
     beta * (log pi - log ref) of the summed log-probs, detached, for every loss type.
     """
+    # ALGO LOGIC: the log-ratios' margin h, then -log sigmoid(beta h) (DPO, cDPO) or (h - 1/(2 beta))^2 (IPO)
     chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,) rho(x, y_w)
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,) rho(x, y_l)
     h = chosen_logratios - rejected_logratios  # (B,)
@@ -341,6 +345,7 @@ if __name__ == "__main__":
             batch = make_batch([train_examples[i] for i in indices])
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                # ALGO LOGIC: the log-probs of the policy and the reference, the loss, its gradient
                 policy_chosen_logps, policy_rejected_logps = forward_pairs(policy, batch)
                 reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -361,6 +366,7 @@ if __name__ == "__main__":
                 "count": torch.tensor(len(losses)),
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
         if world_size > 1:
@@ -384,6 +390,7 @@ if __name__ == "__main__":
         metrics = {"step": step, "epoch": epoch, **{name: value / count for name, value in sums.items()}}
         metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
+        # ALGO LOGIC: every tau steps the reference moves towards the policy (TR-DPO, 2404.09656)
         if step % args.ref_sync_steps == 0:  # TR-DPO: the reference moves towards the policy (2404.09656)
             metrics["ref/param_distance"] = update_reference(model, reference, args.ref_mixup_alpha)
         if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
