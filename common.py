@@ -181,18 +181,13 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1
 
 
 class Scorer:
-    """The explicit reward of a batch of samples, built once from the arguments; then
-    `scorer(prompts, prompt_ids, completion_ids, ended)` returns (scores, s_phi), each (B,) on `device`:
-
-        scores  the raw score: reward_fn(prompts, completions) or the reward model's output on prompt + completion
-        s_phi   scores - missing_eos_penalty where a sample did not end (hit max_new_tokens), then min-max from
-                reward_range into [0, 1], clipped; with no range, sigmoid: the UNA authors' code (una_peft.py) does
-                that, the paper says only "normalized"
-
-    reward_fn: "module:function" or "path/file.py:function", f(prompts, completions) -> one number per sample, a
-    completion passed as text (as [{"role": "assistant", "content": text}] when its prompt is a list of messages);
-    reward_model: hub id or local path of a one-output sequence-classification model. Neither: the built-in task's
-    true reward, toy.task:rewards, already in [0, 1] (range 0 1). Errors stop the run, naming the argument or row."""
+    """The explicit reward, built once from the arguments; `scorer(prompts, prompt_ids, completion_ids, ended)`
+    returns (scores, s_phi), each (B,) on `device`: the raw score of each sample, by reward_fn ("module:function"
+    or "path/file.py:function", f(prompts, completions) -> numbers, a completion as text or, for a list of
+    messages, [{"role": "assistant", "content": text}]) or reward_model (a one-output sequence classifier), and
+    s_phi in [0, 1]: the score less missing_eos_penalty where a sample did not end, min-maxed from reward_range,
+    clipped, or with no range sigmoid(score) (the UNA authors' code, una_peft.py; the paper says "normalized").
+    Neither reward_fn nor reward_model: the built-in task's toy.task:rewards, in [0, 1] (range 0 1)."""
 
     def __init__(self, tokenizer, device, reward_fn="", reward_model="", reward_range=None, missing_eos_penalty=0.0,
                  bf16=False):

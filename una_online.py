@@ -210,7 +210,6 @@ def forward_completions(model, batch):
     return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]  # (N,)
 
 
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
 

@@ -92,7 +92,7 @@ def test_loss_and_generated_token_mask_by_hand():
 def test_normalization_sigmoid_range_and_missing_eos_penalty():
     scores, ended = torch.tensor([2.0, 2.0, -1.0, 7.0]), torch.tensor([True, False, True, True])
     sigmoid = lambda z: 1 / (1 + math.exp(-z))
-    # the paper: sigmoid of the raw score; the authors' code: 1.0 off the score of a sample without EOS
+    # the authors' code (una_peft.py): sigmoid of the raw score, and 1.0 off the score of a sample without EOS
     expected = [sigmoid(2), sigmoid(1), sigmoid(-1), sigmoid(7)]
     assert normalize_rewards(scores, ended, None, 1.0).tolist() == pytest.approx(expected, abs=1e-6)
     no_penalty = normalize_rewards(scores, ended, None, 0.0).tolist()
