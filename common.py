@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 REPO_ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100  # label of a token that is not scored (prompt, padding)
 
+
 # ----------------------------------------------------------------------------------------
 # Log-probabilities.
 
@@ -39,7 +40,7 @@ def sequence_logps(model, input_ids, attention_mask, labels, chunk_size=256):
 
         logits = model(input_ids, attention_mask).logits[:, :-1]        # (B, T-1, V): position t predicts t+1
         token_logps = logits.float().log_softmax(-1)                    # (B, T-1, V)
-        token_logps = token_logps.gather(-1, labels[:, 1:, None])[..., 0]  # (B, T-1): the label tokens' log-probs
+        token_logps = token_logps.gather(-1, labels[:, 1:, None].clamp(min=0))[..., 0]  # (B, T-1): the labels'
         mask = labels[:, 1:] != IGNORE_INDEX                            # (B, T-1): completion tokens only
         logps = (token_logps * mask).sum(-1)                            # (B,); num_tokens = mask.sum(-1)
 
