@@ -165,6 +165,7 @@ def kto_loss(policy_logps, reference_logps, desirable, kl, beta, desirable_weigh
     where y is desirable; kl: the reference point z_ref, a float. Returns (losses, rewards), each (B,); the
     rewards are the implicit rewards beta * (log pi - log ref), detached.
     """
+    # ALGO LOGIC: the log-ratio against z_ref, through a sigmoid, weighted by lambda_D or lambda_U
     logratios = policy_logps - reference_logps  # (B,) r = rho(x, y)
     desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))  # (B,) lambda_D - v(x, y)
     undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))  # (B,) lambda_U - v(x, y)
