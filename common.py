@@ -1,13 +1,22 @@
-"""The only module the scripts share: distributed setup (setup_distributed, print0), loading (load_model,
-load_tokenizer), data (load_rows, unpair_rows, tokenize_examples, collate_*), log-probs (sequence_logps),
-batch order (training_batches, micro_batch, lr_lambda), logging and saving (MetricsLog, save_model,
-save_checkpoint, load_checkpoint). No loss, model setup (DDP, FSDP, LoRA, the reference), sampling or
-training loop lives here: each script owns them and writes them where a reader sees them.
+"""The only module the scripts share. To follow an algorithm a reader needs only the first part, in this order:
+
+    sequence_logps                  log pi(y|x): the sum of the completion tokens' log-probs, what every loss uses
+    build_batch, collate_*          token lists -> padded (B, T) input_ids, attention_mask, labels (prompt masked)
+    training_batches, micro_batch   which examples each optimizer step, micro-step and rank sees; lr_lambda
+    generate, Scorer                (online scripts) sampling with the stop tokens; a batch of samples -> s_phi
+
+The rest is plumbing a reader can skip: distributed setup (setup_distributed, print0), loading and checking
+models, tokenizers and data (load_model, load_tokenizer, load_rows, unpair_rows), chat templates and
+tokenization (tokenize_examples), logging and saving (MetricsLog, save_model, save_checkpoint, load_checkpoint).
+No loss, model setup (DDP, FSDP, LoRA, the reference) or training loop lives here: each script owns them.
 """
 
 import errno
+import importlib
+import importlib.util
 import json
 import math
+import numbers
 import os
 import random
 import sys
@@ -22,6 +31,297 @@ from torch.utils.checkpoint import checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100  # label of a token that is not scored (prompt, padding)
+
+
+# ----------------------------------------------------------------------------------------
+# Log-probabilities.
+
+
+def sequence_logps(model, input_ids, attention_mask, labels, chunk_size=256):
+    """log pi(y|x) of each sequence: the sum of its completion tokens' log-probabilities. It equals
+
+        logits = model(input_ids, attention_mask).logits[:, :-1]        # (B, T-1, V): position t predicts t+1
+        token_logps = logits.float().log_softmax(-1)                    # (B, T-1, V)
+        token_logps = token_logps.gather(-1, labels[:, 1:, None].clamp(min=0))[..., 0]  # (B, T-1): the labels'
+        mask = labels[:, 1:] != IGNORE_INDEX                            # (B, T-1): completion tokens only
+        logps = (token_logps * mask).sum(-1)                            # (B,); num_tokens = mask.sum(-1)
+
+    (tests/test_logprobs.py checks it against such a loop). input_ids, attention_mask, labels: (B, T); returns
+    (logps, num_tokens), both (B,). Exact for left and right padding (position ids count real tokens only).
+
+    How it avoids the (B, T, V) logits: for this call the output layer (tied to the input embeddings or not;
+    inside DDP's or LoRA's wrapper) returns the log-probs (N,) of the N scored tokens only, `chunk_size` at a
+    time in fp32, each chunk's logits recomputed in backward. It runs inside the model's forward, where FSDP has
+    gathered the output layer's weights."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at the first real token
+    targets = labels[:, 1:]  # (B, T-1): the hidden state at position t predicts token t+1
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    inner = getattr(model, "module", model)  # the model inside DDP
+    head, config = inner.get_output_embeddings(), inner.config
+    layer, cap = head.forward, getattr(config, "final_logit_softcapping", None)  # Gemma 2: cap tanh(logits / cap)
+
+    def chunk_logps(hidden, chunk_targets):  # (n, H), (n,) -> (n,)
+        logits = layer(hidden).float()  # (n, V): log-softmax in fp32 under bf16 autocast
+        logits = cap * torch.tanh(logits / cap) if cap else logits
+        return -F.cross_entropy(logits, chunk_targets, reduction="none")
+
+    def scored_output_layer(hidden):  # (B, T, H) -> (N,)
+        hidden, scored = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,)
+        chunks = [checkpoint(chunk_logps, hidden[i : i + chunk_size], scored[i : i + chunk_size], use_reentrant=False)
+                  for i in range(0, len(hidden), chunk_size)]  # fmt: skip
+        returned.append(torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32))
+        return returned[-1]
+
+    returned, own_forward = [], "forward" in vars(head)
+    head.forward = scored_output_layer
+    if cap:
+        config.final_logit_softcapping = None  # applied to each chunk above, not again after the output layer
+    try:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        head.forward = layer
+        if not own_forward:
+            del head.forward  # the class's forward again
+        if cap:
+            config.final_logit_softcapping = cap
+    token_logps = outputs.logits  # (N,): what the output layer returned
+    if token_logps is not returned[-1]:
+        raise NotImplementedError(f"{type(model).__name__} changes its output layer's logits: it needs a case here")
+    rows = mask.nonzero()[:, 0]  # (N,): which sequence each scored token belongs to
+    logps = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)  # (B,)
+    return logps, mask.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Collation: token lists -> padded tensors, labels on the completion tokens only.
+
+
+def build_batch(prompt_ids, completion_ids, pad_token_id, padding_side="right"):
+    """Prompt + completion token lists -> padded input_ids, attention_mask and labels, each (B, T);
+    labels are the completion tokens and IGNORE_INDEX on prompt and padding (not scored)."""
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        start = T - len(p) - len(c) if padding_side == "left" else 0
+        end = start + len(p) + len(c)
+        input_ids[i, start:end] = torch.tensor(p + c)
+        attention_mask[i, start:end] = 1
+        labels[i, start + len(p) : end] = torch.tensor(c)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_completions(examples, pad_token_id):
+    """One batch of single completions (B rows) from examples with prompt_ids and completion_ids."""
+    return build_batch([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], pad_token_id)
+
+
+def collate_pairs(examples, pad_token_id):
+    """One batch of the B chosen then the B rejected sequences (2B rows): one forward pass for both."""
+    prompts = [e["prompt_ids"] for e in examples]
+    completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    return build_batch(prompts + prompts, completions, pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------
+# Batch order and learning-rate schedule.
+
+
+def training_batches(num_examples, global_batch_size, seed, start_step, total_steps):
+    """(epoch, batch indices) of optimizer steps start_step, ..., total_steps - 1: each epoch a permutation
+    seeded by (seed, epoch), the same on every rank, cut into full global batches (the last
+    num_examples % global_batch_size indices wait for the next epoch, drawn anew). The same batches whether
+    the run started at step 0 or resumed from a checkpoint at start_step."""
+    batches_per_epoch = num_examples // global_batch_size
+    for step in range(start_step, total_steps):
+        epoch, b = divmod(step, batches_per_epoch)
+        if b == 0 or step == start_step:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perm = torch.randperm(num_examples, generator=g).tolist()
+        yield epoch, perm[b * global_batch_size : (b + 1) * global_batch_size]
+
+
+def micro_batch(batch, micro_step, rank, world_size, per_device_batch_size):
+    """This rank's share of a global batch for one micro-step, laid out [micro-step 0: rank 0, rank 1,
+    ...][micro-step 1: ...]: N processes with per-device batch B/N see what one process with B sees."""
+    start = (micro_step * world_size + rank) * per_device_batch_size
+    return batch[start : start + per_device_batch_size]
+
+
+def lr_lambda(scheduler, warmup_steps, total_steps):
+    """Multiplier of the peak learning rate at each step: linear warmup, then decay."""
+
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return {"cosine": 0.5 * (1.0 + math.cos(math.pi * progress)), "linear": 1.0 - progress}.get(scheduler, 1.0)
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling and reward scoring (una_online.py, ppo.py, evaluate.py, toy/evaluate.py): `generate` samples a batch;
+# a Scorer, built once from --reward-fn or --reward-model, turns each batch of samples into scores and s_phi.
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
+    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token lists, each cut
+    after its first EOS or chat-template end of turn, and whether each ended so (False: it hit max_new_tokens)."""
+    batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    stop = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}  # a chat template's end of turn (<|im_end|>) ends it too
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_p=top_p,
+        top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
+        max_new_tokens=max_new_tokens, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
+    )[:, input_ids.shape[1] :].tolist()  # fmt: skip
+    ends = [next((j for j, t in enumerate(ids) if t in stop), None) for ids in out]
+    return [ids if j is None else ids[: j + 1] for ids, j in zip(out, ends)], [j is not None for j in ends]
+
+
+class Scorer:
+    """The explicit reward, built once from the arguments; `scorer(prompts, prompt_ids, completion_ids, ended)`
+    returns (scores, s_phi), each (B,) on `device`: the raw score of each sample, by reward_fn ("module:function"
+    or "path/file.py:function", f(prompts, completions) -> numbers, a completion as text or, for a list of
+    messages, [{"role": "assistant", "content": text}]) or reward_model (a one-output sequence classifier), and
+    s_phi in [0, 1]: the score less missing_eos_penalty where a sample did not end, min-maxed from reward_range,
+    clipped, or with no range sigmoid(score) (the UNA authors' code, una_peft.py; the paper says "normalized").
+    Neither reward_fn nor reward_model: the built-in task's toy.task:rewards, in [0, 1] (range 0 1)."""
+
+    def __init__(self, tokenizer, device, reward_fn="", reward_model="", reward_range=None, missing_eos_penalty=0.0,
+                 bf16=False):
+        if reward_fn and reward_model:
+            raise SystemExit(f"give --reward-fn ({reward_fn}) or --reward-model ({reward_model}), not both")
+        if reward_range is not None and not reward_range[0] < reward_range[1]:
+            raise SystemExit(f"--reward-range LOW HIGH needs LOW < HIGH, got {reward_range}")
+        self.tokenizer, self.device, self.missing_eos_penalty = tokenizer, device, missing_eos_penalty
+        self.spec = reward_fn or ("" if reward_model else "toy.task:rewards")  # toy/ is imported only when named
+        self.reward_range = reward_range or ((0.0, 1.0) if self.spec == "toy.task:rewards" else None)  # or sigmoid
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.reward_model, self.reward_tokenizer, self.reward_fn = None, None, None
+        if reward_model:
+            self.reward_model, self.reward_tokenizer = load_reward_model(reward_model, device)
+        else:
+            self.reward_fn = load_reward_fn(self.spec)
+
+    def __call__(self, prompts, prompt_ids, completion_ids, ended):
+        if self.reward_model is not None:
+            texts = reward_model_texts(self.tokenizer, self.reward_tokenizer, prompts, prompt_ids, completion_ids)
+            with self.autocast:
+                scores = reward_model_scores(self.reward_model, self.reward_tokenizer, texts)  # (B,)
+        else:  # a Python function of the prompts and the completions' text
+            completions = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+            scores = reward_fn_scores(self.reward_fn, self.spec, prompts, completions)  # (B,)
+        scores, ended = scores.to(self.device), torch.as_tensor(ended, device=self.device)  # (B,), (B,)
+        return scores, normalize_rewards(scores, ended, self.reward_range, self.missing_eos_penalty)
+
+
+def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
+    """Raw scores (B,) -> s_phi (B,) in [0, 1]: subtract the missing-EOS penalty where a sample did not
+    end, then sigmoid (reward_range None) or min-max to the range, clipped."""
+    scores = scores - missing_eos_penalty * (~ended).float()  # (B,)
+    if reward_range is None:
+        return torch.sigmoid(scores)
+    low, high = reward_range
+    return ((scores - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def load_reward_model(name, device):
+    """A sequence-classification reward model with one output, frozen in fp32, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
+        reward_tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"could not load --reward-model {name!r}: {e}")
+    if reward_model.config.num_labels != 1:
+        raise SystemExit(f"--reward-model {name!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
+    if reward_tokenizer.pad_token is None:
+        if reward_tokenizer.eos_token is None:
+            raise SystemExit(f"the tokenizer of --reward-model {name!r} has neither a pad nor an EOS token to pad with")
+        reward_tokenizer.pad_token = reward_tokenizer.eos_token
+    reward_tokenizer.padding_side = "right"  # position ids then count real tokens: a batch scores as each text alone
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
+    return reward_model.to(device).eval().requires_grad_(False), reward_tokenizer
+
+
+def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
+    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
+    becomes one user message) and the completion as the assistant's reply; without one, the
+    prompt and completion as the policy saw them, decoded without special tokens."""
+    if getattr(reward_tokenizer, "chat_template", None) is None:
+        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
+    texts = []
+    for prompt, c in zip(prompts, completion_ids):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
+        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
+    return texts
+
+
+def load_reward_fn(spec):
+    """The function that --reward-fn names: "module:function" (a module importable from the current
+    folder or the path) or "path/to/file.py:function"."""
+    module_name, _, function_name = spec.rpartition(":")
+    if not module_name or not function_name:
+        raise SystemExit(f"--reward-fn {spec!r}: give module:function, e.g. toy.task:rewards or my_rewards.py:score")
+    try:
+        if module_name.endswith(".py"):
+            found = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, OSError) as e:
+        raise SystemExit(f"--reward-fn {spec!r}: could not import {module_name!r} ({e}); run from the folder that "
+                         "holds it, add it to PYTHONPATH, or give the path of the .py file")
+    reward_fn = getattr(module, function_name, None)
+    if not callable(reward_fn):
+        raise SystemExit(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}")
+    return reward_fn
+
+
+def reward_fn_scores(reward_fn, spec, prompts, completions):
+    """Raw scores (B,) of a reward function for a batch of prompts and completion texts; a completion of a
+    conversation (its prompt a list of messages) is passed as [{"role": "assistant", "content": text}]. A function
+    that raises, returns another number of scores, or a score that is not a finite number stops the run."""
+    completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
+                   for p, c in zip(prompts, completions)]  # fmt: skip
+    try:
+        scores = reward_fn(prompts, completions)
+    except Exception as batch_error:  # noqa: BLE001 (any error of the user's function is reported, with its row)
+        error, row = batch_error, f"a batch of {len(prompts)} rows (first prompt {prompts[0]!r})"
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):  # the first row it fails on alone
+            try:
+                reward_fn([prompt], [completion])
+            except Exception as row_error:  # noqa: BLE001
+                error, row = row_error, f"row {i} of the batch (prompt {prompt!r}, completion {completion!r})"
+                break
+        raise SystemExit(f"--reward-fn {spec}: raised {type(error).__name__}: {error} on {row}; fix the function "
+                         "(run it on that row alone to see the traceback)")
+    scores = scores.tolist() if isinstance(scores, torch.Tensor) else scores
+    if not hasattr(scores, "__len__") or len(scores) != len(prompts):
+        got = f"{len(scores)} scores" if hasattr(scores, "__len__") else repr(scores)
+        raise SystemExit(f"--reward-fn {spec}: returned {got} for a batch of {len(prompts)} rows; "
+                         "it must return one score per completion")
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+            raise SystemExit(f"--reward-fn {spec}: returned {score!r} for row {i} of the batch (prompt {prompts[i]!r}, "
+                             f"completion {completions[i]!r}); each score must be a finite int or float")
+    return torch.tensor([float(score) for score in scores])  # (B,)
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, reward_tokenizer, texts):
+    """Raw scores (B,) of a reward model for a batch of reward_model_texts."""
+    add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them
+    inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    return reward_model(**inputs.to(reward_model.device)).logits[:, 0].float()  # (B,)
 
 
 # ----------------------------------------------------------------------------------------
@@ -428,124 +728,6 @@ def tokenize_examples(tokenizer, rows, completion_fields, max_length, max_prompt
     return examples
 
 
-def build_batch(prompt_ids, completion_ids, pad_token_id, padding_side="right"):
-    """Prompt + completion token lists -> padded input_ids, attention_mask and labels, each (B, T);
-    labels are the completion tokens and IGNORE_INDEX on prompt and padding (not scored)."""
-    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        start = T - len(p) - len(c) if padding_side == "left" else 0
-        end = start + len(p) + len(c)
-        input_ids[i, start:end] = torch.tensor(p + c)
-        attention_mask[i, start:end] = 1
-        labels[i, start + len(p) : end] = torch.tensor(c)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def collate_completions(examples, pad_token_id):
-    """One batch of single completions (B rows) from examples with prompt_ids and completion_ids."""
-    return build_batch([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], pad_token_id)
-
-
-def collate_pairs(examples, pad_token_id):
-    """One batch of the B chosen then the B rejected sequences (2B rows): one forward pass for both."""
-    prompts = [e["prompt_ids"] for e in examples]
-    completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-    return build_batch(prompts + prompts, completions, pad_token_id)
-
-
-# ----------------------------------------------------------------------------------------
-# Log-probabilities.
-
-
-def sequence_logps(model, input_ids, attention_mask, labels, chunk_size=256):
-    """Sum of log pi(y_t | x, y_<t) over the completion tokens of each sequence.
-
-    input_ids, attention_mask, labels: (B, T); labels are IGNORE_INDEX where not scored. Returns
-    (logps, num_tokens), both (B,). Exact for left and right padding (position ids count real
-    tokens only). The (B, T, V) logits never exist: for this call the output layer (tied to the input
-    embeddings or not; inside DDP's or LoRA's wrapper) returns the log-probs (N,) of the N scored tokens,
-    `chunk_size` at a time in fp32, each chunk's logits recomputed in backward. It runs inside the model's
-    forward, where FSDP has gathered the output layer's weights."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at the first real token
-    targets = labels[:, 1:]  # (B, T-1): the hidden state at position t predicts token t+1
-    mask = targets != IGNORE_INDEX  # (B, T-1)
-    inner = getattr(model, "module", model)  # the model inside DDP
-    head, config = inner.get_output_embeddings(), inner.config
-    layer, cap = head.forward, getattr(config, "final_logit_softcapping", None)  # Gemma 2: cap tanh(logits / cap)
-
-    def chunk_logps(hidden, chunk_targets):  # (n, H), (n,) -> (n,)
-        logits = layer(hidden).float()  # (n, V): log-softmax in fp32 under bf16 autocast
-        logits = cap * torch.tanh(logits / cap) if cap else logits
-        return -F.cross_entropy(logits, chunk_targets, reduction="none")
-
-    def scored_output_layer(hidden):  # (B, T, H) -> (N,)
-        hidden, scored = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,)
-        chunks = [checkpoint(chunk_logps, hidden[i : i + chunk_size], scored[i : i + chunk_size], use_reentrant=False)
-                  for i in range(0, len(hidden), chunk_size)]  # fmt: skip
-        returned.append(torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32))
-        return returned[-1]
-
-    returned, own_forward = [], "forward" in vars(head)
-    head.forward = scored_output_layer
-    if cap:
-        config.final_logit_softcapping = None  # applied to each chunk above, not again after the output layer
-    try:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    finally:
-        head.forward = layer
-        if not own_forward:
-            del head.forward  # the class's forward again
-        if cap:
-            config.final_logit_softcapping = cap
-    token_logps = outputs.logits  # (N,): what the output layer returned
-    if token_logps is not returned[-1]:
-        raise NotImplementedError(f"{type(model).__name__} changes its output layer's logits: it needs a case here")
-    rows = mask.nonzero()[:, 0]  # (N,): which sequence each scored token belongs to
-    logps = token_logps.new_zeros(len(input_ids)).index_add(0, rows, token_logps)  # (B,)
-    return logps, mask.sum(-1)
-
-
-# ----------------------------------------------------------------------------------------
-# Batch order and learning-rate schedule.
-
-
-def training_batches(num_examples, global_batch_size, seed, start_step, total_steps):
-    """(epoch, batch indices) of optimizer steps start_step, ..., total_steps - 1: each epoch a permutation
-    seeded by (seed, epoch), the same on every rank, cut into full global batches (the last
-    num_examples % global_batch_size indices wait for the next epoch, drawn anew). The same batches whether
-    the run started at step 0 or resumed from a checkpoint at start_step."""
-    batches_per_epoch = num_examples // global_batch_size
-    for step in range(start_step, total_steps):
-        epoch, b = divmod(step, batches_per_epoch)
-        if b == 0 or step == start_step:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            perm = torch.randperm(num_examples, generator=g).tolist()
-        yield epoch, perm[b * global_batch_size : (b + 1) * global_batch_size]
-
-
-def micro_batch(batch, micro_step, rank, world_size, per_device_batch_size):
-    """This rank's share of a global batch for one micro-step, laid out [micro-step 0: rank 0, rank 1,
-    ...][micro-step 1: ...]: N processes with per-device batch B/N see what one process with B sees."""
-    start = (micro_step * world_size + rank) * per_device_batch_size
-    return batch[start : start + per_device_batch_size]
-
-
-def lr_lambda(scheduler, warmup_steps, total_steps):
-    """Multiplier of the peak learning rate at each step: linear warmup, then decay."""
-
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return {"cosine": 0.5 * (1.0 + math.cos(math.pi * progress)), "linear": 1.0 - progress}.get(scheduler, 1.0)
-
-    return f
-
-
 # ----------------------------------------------------------------------------------------
 # Logging, saving, checkpoints.
 
@@ -695,7 +877,7 @@ def _stop_if_save_failed(error, what, folder, run_dir, partial=None):
 # fails (a full disk) removes that folder and stops the run with one line naming the checkpoint to resume from.
 
 DATA_ORDER_ARGS = ("dataset", "train_split", "seed", "num_epochs", "max_length", "max_prompt_length",
-                   "updates_per_batch", "ppo_epochs", "num_mini_batches")  # the online scripts: steps per batch
+                   "ppo_epochs", "num_mini_batches")  # ppo.py: optimizer steps per batch of samples
 # What the restored weights are: a change would resume a policy other than the one saved.
 WEIGHTS_ARGS = ("model_name", "lora_r", "lora_alpha", "lora_target_modules")
 # What the restored optimizer and scheduler hold: resume_optimizer_args sets this run's values in them.

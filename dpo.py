@@ -8,6 +8,9 @@ reference on y_w relative to y_l:
 
 with conservative DPO (label smoothing) and IPO (`--loss-type ipo`) as options.
 
+The method: dpo_loss, and the lines marked "# ALGO LOGIC" (the log-ratios, the loss, the step). The rest is
+setup, data, checkpoints and logging, the same in every script.
+
 Run:
     python dpo.py                                      # built-in task, CPU, about a minute
     torchrun --nproc_per_node 8 dpo.py --model-name Qwen/Qwen2-0.5B-Instruct \\
@@ -74,7 +77,7 @@ class Args:
 
     # --- algorithm ---
     beta: float = 0.1
-    """strength of the KL penalty to the reference: larger stays closer"""
+    """strength of the KL penalty to the reference: larger stays closer (DPO paper: 0.1; TR-DPO paper: 0.05)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: DPO (Eq. 7 of 2305.18290); ipo: IPO (Eq. 17 of 2310.12036) on length-averaged log-probs"""
     label_smoothing: float = 0.0
@@ -86,11 +89,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
-    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    """fraction of the optimizer steps spent warming up the learning rate linearly: step s < w uses (s + 1) / (w + 1)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup"""
     max_grad_norm: float = 10.0
-    """gradient clipping threshold (global L2 norm)"""
+    """gradient clipping threshold, global L2 norm (the papers give none; Hugging Face Trainer and TRL: 1.0)"""
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
@@ -158,6 +161,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are the implicit rewards
     beta * (log pi - log ref) of the summed log-probs, detached, for every loss type.
     """
+    # ALGO LOGIC: the log-ratios' margin h, then -log sigmoid(beta h) (DPO, cDPO) or (h - 1/(2 beta))^2 (IPO)
     chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,) rho(x, y_w)
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,) rho(x, y_l)
     h = chosen_logratios - rejected_logratios  # (B,)
@@ -206,10 +210,11 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_name)
     train_rows = load_rows(args.dataset, args.train_split, "pairwise")
     eval_rows = load_rows(args.dataset, args.eval_split, "pairwise") if args.eval_split != "" else []
-    fields, lengths = ["chosen", "rejected"], (args.max_length, args.max_prompt_length)
+    fields = ["chosen", "rejected"]
+    lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
-    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
-    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
         raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
@@ -296,7 +301,8 @@ if __name__ == "__main__":
                 reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    args.beta, args.loss_type, args.label_smoothing, *batch["lengths"].unbind(-1),
+                    beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                    chosen_lengths=batch["lengths"][:, 0], rejected_lengths=batch["lengths"][:, 1],
                 )
                 margins = (chosen_rewards - rejected_rewards)[counted]
                 for name, value in {
@@ -338,11 +344,13 @@ if __name__ == "__main__":
             batch = make_batch([train_examples[i] for i in indices])
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                # ALGO LOGIC: the log-probs of the policy and the reference, the loss, its gradient
                 policy_chosen_logps, policy_rejected_logps = forward_pairs(policy, batch)
                 reference_chosen_logps, reference_rejected_logps = reference_pairs(batch)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    args.beta, args.loss_type, args.label_smoothing, *batch["lengths"].unbind(-1),
+                    beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                    chosen_lengths=batch["lengths"][:, 0], rejected_lengths=batch["lengths"][:, 1],
                 )
                 (losses.mean() / args.gradient_accumulation_steps).backward()
             for name, value in {
@@ -357,6 +365,7 @@ if __name__ == "__main__":
                 "count": torch.tensor(len(losses)),
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
         if world_size > 1:
@@ -407,9 +416,12 @@ if __name__ == "__main__":
     if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency
         from toy.evaluate import compare_policies
 
-        sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
-        sampling = (*sampling, args.seed, device, bf16)
-        results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        results.update(compare_policies(
+            trained=args.output_dir, starting=args.model_name, tokenizer=tokenizer, rows=eval_rows,
+            num_prompts=args.sample_prompts, samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens, batch_size=args.per_device_batch_size, seed=args.seed, device=device,
+            bf16=bf16,
+        ))
         metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

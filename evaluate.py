@@ -27,6 +27,8 @@ Run:
     python evaluate.py --checkpoints runs/una_online --reward-fn my_rewards.py:score \
         --dataset my_prompts.jsonl --split train
 
+The method: win_rate, and the lines marked "# ALGO LOGIC" (sampling and scoring, the KL, the win rate).
+
 Outputs: a table on screen and --output (JSON: the arguments, "reference" and the list
 "checkpoints" in the order given, each with its metrics and a few example completions).
 """
@@ -41,16 +43,9 @@ from typing import Optional, Tuple
 import torch
 import tyro
 
-from common import load_model, load_rows, load_tokenizer, resolve_path, tokenize_examples
+from common import Scorer, load_model, load_rows, load_tokenizer, resolve_path, tokenize_examples
 from toy.evaluate import sample_records, true_reward, unique_prompts
 from toy.task import parse_prompt
-from una_online import (  # online UNA's reward model and reward function
-    load_reward_fn,
-    load_reward_model,
-    reward_fn_scores,
-    reward_model_scores,
-    reward_model_texts,
-)
 
 
 @dataclass
@@ -95,6 +90,7 @@ def win_rate(policy_rewards, reference_rewards):
 
     policy_rewards, reference_rewards: dicts prompt -> list of rewards of that prompt's samples.
     """
+    # ALGO LOGIC: every pair of one prompt's policy and reference samples, ties counting half
     rates = []
     for prompt, rewards in policy_rewards.items():
         reference = reference_rewards[prompt]
@@ -172,35 +168,11 @@ if __name__ == "__main__":
     start_time = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ------------------------------------------------------------------ prompts and reward
     rows = load_rows(args.dataset, args.split, "prompts")
     prompts = unique_prompts(rows)
     prompts = prompts[: args.sample_prompts] if args.sample_prompts > 0 else prompts
-    if args.reward_fn and args.reward_model:
-        raise SystemExit(f"give --reward-fn ({args.reward_fn}) or --reward-model ({args.reward_model}), not both")
-    if args.reward_model:
-        reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
-
-        def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
-            texts = reward_model_texts(tokenizer, reward_tokenizer, batch_prompts, prompt_ids, completion_ids)
-            with autocast:
-                return reward_model_scores(reward_model, reward_tokenizer, texts).tolist()
-
-    elif args.reward_fn:  # scores every completion as its text, cut off or not
-        reward_fn = load_reward_fn(args.reward_fn)
-
-        def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
-            return reward_fn_scores(reward_fn, args.reward_fn, batch_prompts, completions).tolist()
-
-    elif all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
-        score = true_reward  # the built-in task's, 0 for a sample that never ended
-    else:
-        raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in task: "
-                         "pass a --reward-model or a --reward-fn to score them")
-
-    # ------------------------------------------------------------------ reference, then each checkpoint
     if args.reference is None:  # the model the checkpoints started from, which their training used as reference
         starts = {checkpoint: starting_model(checkpoint) for checkpoint in args.checkpoints}
         named = {m for m in starts.values() if m is not None}
@@ -224,15 +196,30 @@ if __name__ == "__main__":
                              f"{checkpoint}'s ({size} tokens); evaluate a checkpoint against the model it started "
                              "from (the default: the model_name in its run's args.json)")
     source = f"{args.dataset} [{args.split}]"  # a prompt the tokenizer cannot take fails here, named
-    tokenize_examples(tokenizer, rows, [], 10**9, 10**9, stats=False, source=source)
+    tokenize_examples(tokenizer, rows, [], max_length=10**9, max_prompt_length=10**9, stats=False, source=source)
+    if args.reward_model or args.reward_fn:  # the raw score of every completion, cut off or not
+        scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model, bf16=bf16)
+
+        def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
+            return scorer(batch_prompts, prompt_ids, completion_ids, ended)[0].tolist()  # (scores, s_phi)
+
+    elif all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
+        score = true_reward  # the built-in task's, 0 for a sample that never ended
+    else:
+        raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in task: "
+                         "pass a --reward-model or a --reward-fn to score them")
+
+    # ------------------------------------------------------------------ reference, then each checkpoint
     reference = load_model(args.reference, device).eval().requires_grad_(False)
     print(f"{len(prompts)} prompts x {args.samples_per_prompt} samples, seed {args.seed}, on {device.type}")
-    sample_args = (args.samples_per_prompt, args.max_new_tokens, args.batch_size, device, args.seed, bf16, score)
-    reference_records = sample_records(reference, None, tokenizer, prompts, *sample_args)
+    sampling = dict(samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                    batch_size=args.batch_size, device=device, seed=args.seed, bf16=bf16, score=score)
+    # ALGO LOGIC: the same prompts and seed for every model; each sample's reward and log-ratio to the reference
+    reference_records = sample_records(reference, None, tokenizer, prompts, **sampling)
     results = [{"model": args.reference, **summarize(reference_records, reference_records)}]
     for checkpoint in args.checkpoints:
         policy = load_model(checkpoint, device).eval().requires_grad_(False)
-        records = sample_records(policy, reference, tokenizer, prompts, *sample_args)
+        records = sample_records(policy, reference, tokenizer, prompts, **sampling)
         results.append({"model": checkpoint, **summarize(records, reference_records)})
         print(f"{checkpoint}: reward {results[-1]['reward']:.3f}, KL {results[-1]['kl']:.3f}")
         del policy

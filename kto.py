@@ -10,6 +10,10 @@ reference above a reference point z_ref on desirable y and below it on the other
 
 with z_ref's mean over the mismatched pairs of every micro-batch of the step (Eq. 8), and pairwise rows unpaired.
 
+The method: kto_loss, reference_point, mismatched_pairs, update_reference, and the lines marked "# ALGO LOGIC"
+(z_ref, the log-ratios, the loss, the step, the reference update). The rest is setup, data, checkpoints and
+logging, the same in every script.
+
 Run:
     python kto.py                                      # built-in task, CPU, about a minute
     python kto.py --ref-sync-steps 32                  # TR-KTO (2404.09656): the reference moves every 32 steps
@@ -92,11 +96,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
-    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    """fraction of the optimizer steps spent warming up the learning rate linearly: step s < w uses (s + 1) / (w + 1)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup"""
     max_grad_norm: float = 10.0
-    """gradient clipping threshold (global L2 norm)"""
+    """gradient clipping threshold, global L2 norm (the papers give none; Hugging Face Trainer and TRL: 1.0)"""
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
@@ -162,6 +166,7 @@ def kto_loss(policy_logps, reference_logps, desirable, kl, beta, desirable_weigh
     where y is desirable; kl: the reference point z_ref, a float. Returns (losses, rewards), each (B,); the
     rewards are the implicit rewards beta * (log pi - log ref), detached.
     """
+    # ALGO LOGIC: the log-ratio against z_ref, through a sigmoid, weighted by lambda_D or lambda_U
     logratios = policy_logps - reference_logps  # (B,) r = rho(x, y)
     desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))  # (B,) lambda_D - v(x, y)
     undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))  # (B,) lambda_U - v(x, y)
@@ -206,8 +211,8 @@ def mismatched_pairs(examples, indices, max_length):
 
 
 def forward_completions(model, batch):
-    """Log-probs (B,) of the completions of a batch (of examples or of mismatched pairs)."""
-    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+    """Log-probs (N,) of the batch's N completions in one forward pass."""
+    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]  # (N,)
 
 
 def means(sums):
@@ -244,7 +249,6 @@ if __name__ == "__main__":
         raise SystemExit(f"--max-prompt-length {args.max_prompt_length} must be below --max-length {args.max_length}")
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} examples")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
-    weights = (args.desirable_weight, args.undesirable_weight)  # lambda_D, lambda_U
 
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
@@ -253,10 +257,11 @@ if __name__ == "__main__":
     eval_rows = load_rows(args.dataset, args.eval_split, kind) if args.eval_split != "" else []
     if kind == "pairwise":  # unpaired (with --seed): each chosen completion desirable, each rejected one not
         train_rows, eval_rows = unpair_rows(train_rows, args.seed), unpair_rows(eval_rows, args.seed)
-    fields, lengths = ["completion"], (args.max_length, args.max_prompt_length)
+    fields = ["completion"]
+    lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
-    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
-    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
     for example, row in zip(train_examples + eval_examples, train_rows + eval_rows):
         example["label"] = bool(row["label"])  # True: desirable
     num_desirable = sum(e["label"] for e in train_examples)
@@ -380,7 +385,9 @@ if __name__ == "__main__":
                 desirable = torch.tensor([eval_examples[i]["label"] for i in indices], device=device)  # (B,)
                 policy_logps = forward_completions(model, batch)
                 reference_logps = reference_completions(batch)
-                losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, args.beta, *weights)
+                losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, beta=args.beta,
+                                           desirable_weight=args.desirable_weight,
+                                           undesirable_weight=args.undesirable_weight)  # lambda_D, lambda_U
                 for name, value in {
                     "loss": losses[counted].sum(),
                     "rewards/chosen": rewards[counted & desirable].sum(),
@@ -416,6 +423,7 @@ if __name__ == "__main__":
 
     for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
         step_start = time.time()
+        # ALGO LOGIC: the reference point z_ref, before any gradient
         with autocast:  # z_ref before any gradient, over the mismatched pairs of every micro-batch of every rank
             kl = reference_point([mismatched_logratios(train_examples, m) for m in micro_batches_of(batch_indices)])
         sums = {}  # named sums over this rank's examples of the step, then over the ranks
@@ -425,9 +433,12 @@ if __name__ == "__main__":
             desirable = torch.tensor([train_examples[i]["label"] for i in indices], device=device)  # (B,)
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                # ALGO LOGIC: the log-probs of the policy and the reference, the loss, its gradient
                 policy_logps = forward_completions(policy, batch)
                 reference_logps = reference_completions(batch)
-                losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, args.beta, *weights)
+                losses, rewards = kto_loss(policy_logps, reference_logps, desirable, kl, beta=args.beta,
+                                           desirable_weight=args.desirable_weight,
+                                           undesirable_weight=args.undesirable_weight)  # lambda_D, lambda_U
                 (losses.mean() / args.gradient_accumulation_steps).backward()
             for name, value in {
                 "loss": losses.detach().sum(),
@@ -440,6 +451,7 @@ if __name__ == "__main__":
                 "count": torch.tensor(len(losses)),
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
         if world_size > 1:
@@ -463,6 +475,7 @@ if __name__ == "__main__":
         metrics = {"step": step, "epoch": epoch, "kl": kl, **means(sums)}
         metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
+        # ALGO LOGIC: every tau steps the reference moves towards the policy (TR-KTO, off by default)
         if args.ref_sync_steps > 0 and step % args.ref_sync_steps == 0:  # TR-KTO: the reference moves (2404.09656)
             metrics["ref/param_distance"] = update_reference(model, reference, args.ref_mixup_alpha)
         if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
@@ -492,9 +505,12 @@ if __name__ == "__main__":
     if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency
         from toy.evaluate import compare_policies
 
-        sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
-        sampling = (*sampling, args.seed, device, bf16)
-        results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        results.update(compare_policies(
+            trained=args.output_dir, starting=args.model_name, tokenizer=tokenizer, rows=eval_rows,
+            num_prompts=args.sample_prompts, samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens, batch_size=args.per_device_batch_size, seed=args.seed, device=device,
+            bf16=bf16,
+        ))
         metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

@@ -20,6 +20,10 @@ optimizer step per mini-batch. What PPO needs that online UNA does not: a value 
 network with a scalar head, trained alongside the policy, with its own optimizer), per-token
 log-probs, GAE, whitening, clipping, and several passes per batch.
 
+The method: token_rewards, gae, ppo_losses, ValueModel, and the lines marked "# ALGO LOGIC" (sampling and
+scoring, the advantages, the losses, the steps). The rest is setup, data, checkpoints and logging, the same in
+every script; common.Scorer turns scores into s_phi, as in una_online.py.
+
 How this script departs from the papers and N+:
   1. The score at the last token is the normalized s_phi in [0, 1] of una_online.py (same
      --reward-fn / --reward-model / --reward-range), so beta and the reward live on the same scale
@@ -55,11 +59,8 @@ trained policy in Hugging Face format (with --lora-r, its LoRA adapter); the val
 the checkpoints only.
 """
 
-import importlib
-import importlib.util
 import json
 import math
-import numbers
 import os
 import resource
 import time
@@ -77,10 +78,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (
     IGNORE_INDEX,
     MetricsLog,
+    Scorer,
     build_batch,
-    end_of_turn_id,
+    generate,
     load_checkpoint,
     load_model,
+    load_reward_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
@@ -148,11 +151,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
-    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    """fraction of the optimizer steps spent warming up the learning rate linearly: step s < w uses (s + 1) / (w + 1)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup"""
     max_grad_norm: float = 10.0
-    """gradient clipping threshold (global L2 norm)"""
+    """gradient clipping threshold, global L2 norm (the papers give none; Hugging Face Trainer and TRL: 1.0)"""
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
@@ -260,6 +263,7 @@ def value_model_from(causal_lm):
 def token_rewards(policy_logps, reference_logps, scores, mask, beta):
     """r_t (B, T-1): -beta (log pi_old - log ref) on every completion token, plus the score s_phi (B,) on each
     row's last one (Ziegler et al. 2019 Eq. 2, per token as in N+); 0 off the mask."""
+    # ALGO LOGIC: the KL penalty on every token, the score on the last
     rewards = -beta * (policy_logps - reference_logps) * mask  # (B, T-1)
     last = mask.cumsum(-1).argmax(-1)  # (B,): the first position where the count of tokens peaks, the last token
     return rewards.index_put((torch.arange(len(mask), device=mask.device), last), scores, accumulate=True)
@@ -274,6 +278,7 @@ def gae(rewards, values, mask, gamma, lam):
     mask = mask.float()
     advantages = torch.zeros_like(rewards)
     next_value, next_advantage = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])  # (B,)
+    # ALGO LOGIC: the advantages from the last token back
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,) Eq. 12
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]  # (B,) Eq. 11, recursively
@@ -284,6 +289,7 @@ def gae(rewards, values, mask, gamma, lam):
 def ppo_losses(policy_logps, old_logps, advantages, values, old_values, returns, clip_range, clip_range_value):
     """Per-token PPO losses, all (B, T-1) (average them over the mask): the clipped policy loss (PPO Eq. 7, as a
     loss), the clipped value loss (N+), and whether the ratio was clipped, with log(pi / pi_old) (detached)."""
+    # ALGO LOGIC: PPO's clipped surrogate, and the clipped value loss
     logratio = policy_logps - old_logps  # (B, T-1)
     ratio = torch.exp(logratio)  # (B, T-1)
     clipped_ratio = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
@@ -292,126 +298,6 @@ def ppo_losses(policy_logps, old_logps, advantages, values, old_values, returns,
     value_losses = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)  # (B, T-1)
     clipped = (-advantages * clipped_ratio > -advantages * ratio).detach()  # (B, T-1): the clip made the max
     return policy_losses, value_losses, clipped, logratio.detach()
-
-
-def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
-    """Raw scores (B,) -> s_phi (B,) in [0, 1]: subtract the missing-EOS penalty where a sample
-    did not end, then sigmoid (reward_range None, as in the paper) or min-max to the range, clipped."""
-    scores = scores - missing_eos_penalty * (~ended).float()  # (B,)
-    if reward_range is None:
-        return torch.sigmoid(scores)
-    low, high = reward_range
-    return ((scores - low) / (high - low)).clamp(0.0, 1.0)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
-    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token lists, each cut
-    after its first EOS or chat-template end of turn, and whether each ended so (False: it hit max_new_tokens)."""
-    batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
-    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    stop = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}  # a chat template's end of turn (<|im_end|>) ends it too
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_p=top_p,
-        top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
-        max_new_tokens=max_new_tokens, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
-    )[:, input_ids.shape[1] :].tolist()  # fmt: skip
-    ends = [next((j for j, t in enumerate(ids) if t in stop), None) for ids in out]
-    return [ids if j is None else ids[: j + 1] for ids, j in zip(out, ends)], [j is not None for j in ends]
-
-
-def load_reward_model(name, device):
-    """A sequence-classification reward model with one output, frozen in fp32, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
-        reward_tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"could not load --reward-model {name!r}: {e}")
-    if reward_model.config.num_labels != 1:
-        raise SystemExit(f"--reward-model {name!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
-    if reward_tokenizer.pad_token is None:
-        if reward_tokenizer.eos_token is None:
-            raise SystemExit(f"the tokenizer of --reward-model {name!r} has neither a pad nor an EOS token to pad with")
-        reward_tokenizer.pad_token = reward_tokenizer.eos_token
-    reward_tokenizer.padding_side = "right"  # position ids then count real tokens: a batch scores as each text alone
-    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
-    return reward_model.to(device).eval().requires_grad_(False), reward_tokenizer
-
-
-def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
-    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
-    becomes one user message) and the completion as the assistant's reply; without one, the
-    prompt and completion as the policy saw them, decoded without special tokens."""
-    if getattr(reward_tokenizer, "chat_template", None) is None:
-        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
-    texts = []
-    for prompt, c in zip(prompts, completion_ids):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
-        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
-    return texts
-
-
-def load_reward_fn(spec):
-    """The function that --reward-fn names: "module:function" (a module importable from the current
-    folder or the path) or "path/to/file.py:function"."""
-    module_name, _, function_name = spec.rpartition(":")
-    if not module_name or not function_name:
-        raise SystemExit(f"--reward-fn {spec!r}: give module:function, e.g. toy.task:rewards or my_rewards.py:score")
-    try:
-        if module_name.endswith(".py"):
-            found = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-            module = importlib.util.module_from_spec(found)
-            found.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except (ImportError, OSError) as e:
-        raise SystemExit(f"--reward-fn {spec!r}: could not import {module_name!r} ({e}); run from the folder that "
-                         "holds it, add it to PYTHONPATH, or give the path of the .py file")
-    reward_fn = getattr(module, function_name, None)
-    if not callable(reward_fn):
-        raise SystemExit(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}")
-    return reward_fn
-
-
-def reward_fn_scores(reward_fn, spec, prompts, completions):
-    """Raw scores (B,) of a reward function for a batch of prompts and completion texts; a completion of a
-    conversation (its prompt a list of messages) is passed as [{"role": "assistant", "content": text}]. A function
-    that raises, returns another number of scores, or a score that is not a finite number stops the run."""
-    completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
-                   for p, c in zip(prompts, completions)]  # fmt: skip
-    try:
-        scores = reward_fn(prompts, completions)
-    except Exception as batch_error:  # noqa: BLE001 (any error of the user's function is reported, with its row)
-        error, row = batch_error, f"a batch of {len(prompts)} rows (first prompt {prompts[0]!r})"
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):  # the first row it fails on alone
-            try:
-                reward_fn([prompt], [completion])
-            except Exception as row_error:  # noqa: BLE001
-                error, row = row_error, f"row {i} of the batch (prompt {prompt!r}, completion {completion!r})"
-                break
-        raise SystemExit(f"--reward-fn {spec}: raised {type(error).__name__}: {error} on {row}; fix the function "
-                         "(run it on that row alone to see the traceback)")
-    scores = scores.tolist() if isinstance(scores, torch.Tensor) else scores
-    if not hasattr(scores, "__len__") or len(scores) != len(prompts):
-        got = f"{len(scores)} scores" if hasattr(scores, "__len__") else repr(scores)
-        raise SystemExit(f"--reward-fn {spec}: returned {got} for a batch of {len(prompts)} rows; "
-                         "it must return one score per completion")
-    for i, score in enumerate(scores):
-        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
-            raise SystemExit(f"--reward-fn {spec}: returned {score!r} for row {i} of the batch (prompt {prompts[i]!r}, "
-                             f"completion {completions[i]!r}); each score must be a finite int or float")
-    return torch.tensor([float(score) for score in scores])  # (B,)
-
-
-@torch.no_grad()
-def reward_model_scores(reward_model, reward_tokenizer, texts):
-    """Raw scores (B,) of a reward model for a batch of reward_model_texts."""
-    add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them
-    inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    return reward_model(**inputs.to(reward_model.device)).logits[:, 0].float()  # (B,)
 
 
 if __name__ == "__main__":
@@ -427,8 +313,6 @@ if __name__ == "__main__":
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
-    if args.reward_range is not None and not args.reward_range[0] < args.reward_range[1]:
-        raise SystemExit(f"--reward-range LOW HIGH needs LOW < HIGH, got {args.reward_range}")
     if args.ppo_epochs < 1 or args.num_mini_batches < 1 or args.per_device_batch_size % args.num_mini_batches:
         raise SystemExit(f"--ppo-epochs ({args.ppo_epochs}) and --num-mini-batches ({args.num_mini_batches}) must be "
                          f"at least 1, and --num-mini-batches must divide --per-device-batch-size "
@@ -439,13 +323,9 @@ if __name__ == "__main__":
             f"--save-every ({args.save_every}) must be a multiple of --ppo-epochs x --num-mini-batches "
             f"({updates_per_batch}): a checkpoint is taken when a batch of samples is used up"
         )
-    if args.reward_fn and args.reward_model:
-        raise SystemExit(f"give --reward-fn ({args.reward_fn}) or --reward-model ({args.reward_model}), not both")
     if not (args.reward_fn or args.reward_model) and not args.dataset.startswith("toy/"):
         raise SystemExit(f"--dataset {args.dataset} is not the built-in task, whose reward function is the default: "
                          "give a --reward-model or a --reward-fn module:function")
-    reward_fn_name = args.reward_fn or ("" if args.reward_model else "toy.task:rewards")
-    reward_range = args.reward_range or ((0.0, 1.0) if reward_fn_name == "toy.task:rewards" else None)  # or sigmoid
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} prompts")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
@@ -453,10 +333,11 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_name)
     train_rows = load_rows(args.dataset, args.train_split, "prompts")
     eval_rows = load_rows(args.dataset, args.eval_split, "prompts") if args.eval_split != "" else []
-    fields, lengths = [], (args.max_prompt_length + args.max_new_tokens, args.max_prompt_length)
+    fields = []
+    lengths = dict(max_length=args.max_prompt_length + args.max_new_tokens, max_prompt_length=args.max_prompt_length)
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
-    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
-    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
         raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
@@ -475,13 +356,12 @@ if __name__ == "__main__":
     # itself with its adapter switched off (peft's disable_adapter), which is the base model
     policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)
     reference = None if args.lora_r > 0 else load_model(args.model_name, device).eval()
-    if args.reward_model:  # whole on every rank: it only scores
-        reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
-    else:  # toy/ is imported only when its function is the one named
-        reward_fn = load_reward_fn(reward_fn_name)
+    # the explicit reward: --reward-fn or --reward-model (whole on every rank: it only scores), and its s_phi
+    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
+                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     # The value model V(s_t) trains alongside the policy, with its own optimizer: a copy of the reward model when it
     # reads the policy's tokens (N+), else the starting policy's transformer with a new scalar head set to 0
-    if args.reward_model and reward_tokenizer.get_vocab() == tokenizer.get_vocab():
+    if args.reward_model and scorer.reward_tokenizer.get_vocab() == tokenizer.get_vocab():
         value_model = ValueModel(load_reward_model(args.reward_model, device)[0].train().requires_grad_(True))
     else:
         value_model = ValueModel(value_model_from(policy)).train()
@@ -550,16 +430,10 @@ if __name__ == "__main__":
         model.eval()  # no dropout, and the KV cache works with gradient checkpointing
         with autocast:  # under FSDP, a rank whose samples all ended keeps stepping with the others (synced_gpus)
             completion_ids, ended = generate(model, tokenizer, prompt_ids, args.max_new_tokens, device,
-                                             args.temperature, args.top_p)  # each cut after its EOS
+                                             temperature=args.temperature, top_p=args.top_p)  # each cut after EOS
         score_start = time.time()
+        scores, s_phi = scorer(prompts, prompt_ids, completion_ids, ended)  # (B,), (B,)
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-        if args.reward_model:
-            texts = reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids)
-            with autocast:
-                scores = reward_model_scores(reward_model, reward_tokenizer, texts)  # (B,)
-        else:  # a Python function of the prompts and completions
-            scores = reward_fn_scores(reward_fn, reward_fn_name, prompts, completions)  # (B,)
-        scores, ended = scores.to(device), torch.tensor(ended, device=device)  # (B,), (B,)
         # generation is left-padded; the training batch is padded on the right
         batch = make_batch([{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompt_ids, completion_ids)])
         value_module.eval()  # the rollout's log-probs and values without dropout (N+)
@@ -572,12 +446,12 @@ if __name__ == "__main__":
         return {
             "batch": batch,
             "scores": scores,
-            "rewards": normalize_rewards(scores, ended, reward_range, args.missing_eos_penalty),  # (B,) s_phi
+            "s_phi": s_phi,  # (B,)
             "reference_logps": reference_logps,
             "old_logps": old_logps,
             "values": values,
             "mask": mask,
-            "ended": ended,
+            "ended": torch.tensor(ended, device=device),
             "prompts": prompts,
             "completions": completions,
             "seconds": (score_start - generate_start, time.time() - score_start),
@@ -609,7 +483,7 @@ if __name__ == "__main__":
         sums = torch.zeros(7 + args.num_mini_batches, dtype=torch.float64, device=device)
         for sample in samples:
             mask = sample["mask"]  # (B, T-1)
-            rewards = token_rewards(sample["old_logps"], sample["reference_logps"], sample["rewards"], mask, args.beta)
+            rewards = token_rewards(sample["old_logps"], sample["reference_logps"], sample["s_phi"], mask, args.beta)
             sample["advantages"], sample["returns"] = gae(rewards, sample["values"], mask, args.gamma, args.lam)
             a, r = sample["advantages"], sample["returns"]  # (B, T-1), (B, T-1): 0 off the mask
             errors = r - sample["values"] * mask  # (B, T-1): what V_old leaves unexplained
@@ -668,7 +542,9 @@ if __name__ == "__main__":
             for micro_step in range(args.gradient_accumulation_steps):
                 indices = batch_indices[(micro_step * world_size + rank) * B :][:B]  # common.micro_batch's layout
                 examples, prompts = [train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices]
+                # ALGO LOGIC: sample y ~ pi_old(.|x) for this micro-batch's prompts, score each sample: s_phi
                 samples.append(sample_and_score(examples, prompts))
+            # ALGO LOGIC: per-token rewards, GAE advantages (whitened over the batch) and returns
             explained_variance, mini_batch_tokens = advantages(samples)
         train_start = time.time()
         ppo_epoch, mini_batch = divmod(step % updates_per_batch, M)
@@ -681,6 +557,7 @@ if __name__ == "__main__":
             no_sync = (policy.no_sync(), value_model.no_sync()) if skip_sync else (nullcontext(), nullcontext())
             with no_sync[0], no_sync[1]:
                 with autocast:
+                    # ALGO LOGIC: the policy's log-probs and the values, the clipped losses, their gradient
                     policy_logps, _ = token_logps(policy, **batch)  # (b, T-1)
                     values = value_model(**batch)  # (b, T-1)
                     policy_losses, value_losses, clipped, logratio = ppo_losses(
@@ -698,7 +575,7 @@ if __name__ == "__main__":
                 "approx_kl": ((logratio.exp() - 1 - logratio) * mask).sum(),  # KL(pi_old || pi), k3 estimator
                 "reward/mean": sample["scores"][rows].sum(),  # the raw score, before the penalty and normalization
                 "reward/squared": (sample["scores"][rows] ** 2).sum(),
-                "s_phi": sample["rewards"][rows].sum(),
+                "s_phi": sample["s_phi"][rows].sum(),
                 "value": (values.detach() * mask).sum(-1).div(mask.sum(-1)).sum(),  # mean V over each completion
                 "kl": ((policy_logps.detach() - sample["reference_logps"][rows]) * mask).sum(),  # KL(pi || ref) est.
                 "logps": (policy_logps.detach() * mask).sum(),
@@ -708,6 +585,7 @@ if __name__ == "__main__":
                 "count": torch.tensor(len(mask)),
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per mini-batch, for the policy and the value model
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
@@ -777,9 +655,12 @@ if __name__ == "__main__":
     if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency
         from toy.evaluate import compare_policies
 
-        sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
-        sampling = (*sampling, args.seed, device, bf16)
-        results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        results.update(compare_policies(
+            trained=args.output_dir, starting=args.model_name, tokenizer=tokenizer, rows=eval_rows,
+            num_prompts=args.sample_prompts, samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens, batch_size=args.per_device_batch_size, seed=args.seed, device=device,
+            bf16=bf16,
+        ))
         metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

@@ -10,6 +10,9 @@ word-level tokenizer (the `tokenizers` library) over the training data and a tin
 Llama-style model from random initialization. `toy/sft-policy`, the default starting
 policy of every other script, was made by `python sft.py --output-dir toy/sft-policy`.
 
+The method: sft_loss, and the lines marked "# ALGO LOGIC" (the log-probs, the loss, the step). The rest is
+setup, data, checkpoints and logging, the same in every script.
+
 Run:
     python sft.py                                      # built-in task, CPU, about a minute
     torchrun --nproc_per_node 8 sft.py --model-name Qwen/Qwen2-0.5B --dataset trl-lib/Capybara \\
@@ -78,11 +81,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
-    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    """fraction of the optimizer steps spent warming up the learning rate linearly: step s < w uses (s + 1) / (w + 1)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup"""
     max_grad_norm: float = 1.0
-    """gradient clipping threshold (global L2 norm)"""
+    """gradient clipping threshold, global L2 norm (the papers give none; Hugging Face Trainer and TRL: 1.0)"""
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 64
@@ -175,6 +178,7 @@ def sft_loss(policy_logps, num_tokens):
     policy_logps: (B,) summed log-probs of each completion; num_tokens: the completion tokens of
     the whole step (every micro-batch of every rank), so that the shares add up to the token-level
     mean over the global batch, however it is split over processes and micro-steps."""
+    # ALGO LOGIC: the negative log-likelihood of the completion tokens, a mean over the global batch's tokens
     return -policy_logps.sum() / num_tokens
 
 
@@ -203,10 +207,11 @@ if __name__ == "__main__":
     train_rows = load_rows(args.dataset, args.train_split, "sft")
     eval_rows = load_rows(args.dataset, args.eval_split, "sft") if args.eval_split != "" else []
     tokenizer = build_scratch_tokenizer(train_rows) if scratch else load_tokenizer(args.model_name)
-    fields, lengths = ["completion"], (args.max_length, args.max_prompt_length)
+    fields = ["completion"]
+    lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
-    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
-    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
         raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
@@ -306,6 +311,7 @@ if __name__ == "__main__":
             batch = make_batch([train_examples[i] for i in indices])
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                # ALGO LOGIC: the log-probs of the policy, the loss, its gradient
                 policy_logps, num_tokens = sequence_logps(policy, **batch)  # (B,) each
                 loss = sft_loss(policy_logps, step_tokens)
                 (loss * world_size).backward()  # DDP and FSDP average the ranks' gradients: * world_size makes it a sum
@@ -315,6 +321,7 @@ if __name__ == "__main__":
                 "count": num_tokens.sum(),  # completion tokens: the loss is per completion token
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
         if world_size > 1:
@@ -367,10 +374,11 @@ if __name__ == "__main__":
 
         # the starting policy (a scratch model: the same random weights again) and the saved trained policy, whole on
         # every rank, each sampling its share of the prompts; no KL (the starting policy is no reference here)
-        sampling = (unique_prompts(eval_rows)[: args.sample_prompts], args.samples_per_prompt, args.max_new_tokens)
-        sampling = (tokenizer, *sampling, args.per_device_batch_size, device, args.seed, bf16)
-        start = sample_eval(load_starting_policy(), None, *sampling)
-        end = sample_eval(load_model(args.output_dir, device), None, *sampling)
+        prompts = unique_prompts(eval_rows)[: args.sample_prompts]
+        sampling = dict(samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.per_device_batch_size, device=device, seed=args.seed, bf16=bf16)
+        start = sample_eval(load_starting_policy(), None, tokenizer, prompts, **sampling)
+        end = sample_eval(load_model(args.output_dir, device), None, tokenizer, prompts, **sampling)
         results.update(starting_policy=start, trained_policy=end)
         runs = (("starting", start), ("trained", end))
         metrics_log.log_samples(step, [{"policy": name, **r} for name, run in runs for r in run["examples"]])

@@ -1,18 +1,40 @@
-"""UNA: Unified Alignment (Wang et al. 2024, https://arxiv.org/abs/2408.15339), offline.
+"""UNA: Unified Alignment (Wang et al. 2024, https://arxiv.org/abs/2408.15339), on offline feedback.
 
-Supervised learning of the RLHF optimum's implicit reward (Eq. 6 with f = c = 0) from a target s_phi per completion:
+RLHF maximizes E[r(x,y)] - beta KL(pi || ref). Its optimal policy satisfies r(x,y) = beta log(pi(y|x)/ref(y|x))
++ f(x) + c (Eq. 6): the reward equals the scaled log-ratio, up to a term that depends on the prompt alone (f(x))
+and a constant (c). UNA sets f = c = 0, so that beta * rho, with rho = log pi(y|x) - log ref(y|x), is the policy's
+implicit reward, and trains it by supervised learning onto a target s_phi in [0, 1] per completion:
 
-    s_theta(x, y) = sigmoid(beta * [log pi(y|x) - log ref(y|x)])      (Eq. 8)
-    L = E[g(s_phi(x, y), s_theta(x, y))]                            (Eq. 9)
+    rho     = log pi(y|x) - log ref(y|x)         summed over the completion's tokens
+    s_theta = sigmoid(beta * rho)                                              (Eq. 8)
+    L       = E[g(s_phi(x, y), s_theta(x, y))], the mean over the completions  (Eq. 9)
 
-with --feedback pairwise (y_w 1, y_l 0; g = -log sigmoid of the pair's margin: DPO, Eq. 10), binary (thumbs up 1,
-down 0, or pairs unpaired; --loss mse, Eq. 11, or bce, Eq. 12) or score (a rating normalized into [0, 1]; mse, Eq. 13).
+ref is the frozen starting policy, --model-name: a second copy of it, or with --lora-r the policy itself with its
+LoRA adapter switched off. At the start pi = ref, so rho = 0 and s_theta = 0.5; training drives beta * rho toward
+logit(s_phi). A target above 0.5 raises the completion's probability, below 0.5 lowers it, and 0.5 means "no
+change" (a score of 5.5 on a 1-10 scale, for example).
 
-Run:
-    python una_offline.py --beta 0.1                   # built-in task, score feedback, CPU, under a minute
+s_phi and g for each --feedback:
+
+    pairwise  s_phi 1 for the chosen y_w, 0 for the rejected y_l; g = -log sigmoid(beta (rho_w - rho_l)) (Eq. 10,
+              which is DPO)
+    binary    s_phi 1 for a thumbs up, 0 for a thumbs down (pairs are unpaired: chosen 1, rejected 0);
+              --loss mse: g = (s_theta - s_phi)^2 (Eq. 11), or bce: -[s_phi log s_theta + (1 - s_phi) log(1 - s_theta)]
+              (Eq. 12)
+    score     s_phi = (score - LOW) / (HIGH - LOW), --score-range LOW HIGH; g = (s_theta - s_phi)^2 (Eq. 13)
+
+The paper prints a minus before the squared error of Eq. 11 and of Eq. 13: typos (the authors' code minimizes the
+positive squared error, as here). una_online.py is the same loss on samples of the policy, scored as it trains.
+
+The method: una_loss, and the lines marked "# ALGO LOGIC" (the targets s_phi, the log-ratios, the loss, the
+step). The rest is setup, data, checkpoints and logging, the same in every script.
+
+Run (in a folder with this file and common.py, on your own model and data):
+    python una_offline.py --model-name path/to/sft-model --dataset my_ratings.jsonl --score-range 1 10 --beta 0.03
     torchrun --nproc_per_node 8 una_offline.py --model-name Qwen/Qwen2-0.5B-Instruct \\
         --dataset my_ratings.jsonl --score-range 1 10 --beta 0.03 --learning-rate 3e-5 --per-device-batch-size 4 \\
         --max-length 1024 --max-prompt-length 512
+    python una_offline.py --beta 0.1                   # in this repository: the built-in task, CPU, under a minute
     (a 7B model over several nodes with --fsdp and --lora-r: README, "Real scale on GPUs")
 
 Outputs in --output-dir: metrics.jsonl (one line per step), eval.json, args.json, and the
@@ -22,7 +44,6 @@ trained policy in Hugging Face format (with --lora-r, its LoRA adapter).
 import json
 import math
 import os
-import random
 import resource
 import time
 import warnings
@@ -49,14 +70,11 @@ from common import (
     save_checkpoint,
     save_model,
     sequence_logps,
+    unpair_rows,
     setup_distributed,
     tokenize_examples,
     training_batches,
 )
-
-GROUPS = {"pairwise": ("chosen", "rejected"), "binary": ("positive", "negative"), "score": ("high", "low")}
-# scores keep gaining at learning rates where DPO's true reward falls (README); the paper: 3e-5 for scores, else 5e-6
-LEARNING_RATES = {"pairwise": 1e-5, "binary": 1e-5, "score": 6e-5}
 
 
 @dataclass
@@ -81,7 +99,7 @@ class Args:
     feedback: Literal["pairwise", "binary", "score"] = "score"
     """pairwise {"prompt", "chosen", "rejected"}; binary {.., "completion", "label"} or pairs; score {.., "score"}"""
     beta: float = 0.1
-    """strength of the KL penalty to the reference: larger stays closer"""
+    """strength of the KL penalty to the reference: larger stays closer (the paper: 0.01 binary, 0.03 other)"""
     loss: Literal["mse", "bce"] = "mse"
     """binary feedback: mse (Eq. 11) or bce (Eq. 12) of s_theta to the label; pairwise uses Eq. 10, score mse"""
     score_range: Optional[Tuple[float, float]] = None
@@ -93,11 +111,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
-    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    """fraction of the optimizer steps spent warming up the learning rate linearly: step s < w uses (s + 1) / (w + 1)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup"""
     max_grad_norm: float = 10.0
-    """gradient clipping threshold (global L2 norm)"""
+    """gradient clipping threshold, global L2 norm (the papers give none; Hugging Face Trainer and TRL: 1.0)"""
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
@@ -156,22 +174,23 @@ class Args:
     """score the data with the reference once before training, then free it: a step runs the policy only"""
 
 
-def una_loss(policy_logps, reference_logps, targets, beta, loss):
-    """UNA's loss of N completions: B = N, or B pairs (loss "pairwise": the B chosen, then the B rejected).
-    policy_logps, reference_logps: (N,) log pi(y|x) summed over completion tokens; targets: (N,) s_phi in [0, 1].
-    Returns (losses (B,), rewards (N,), s_theta (N,)); rewards beta * (log pi - log ref) and s_theta detached.
+def una_loss(policy_logps, reference_logps, s_phi, beta, g):
+    """UNA's loss (Eq. 9) of N completions: B = N, or B pairs for g "pairwise" (the B chosen, then the B rejected).
+    policy_logps, reference_logps: (N,) log pi(y|x), log ref(y|x) summed over completion tokens; s_phi: (N,) targets
+    in [0, 1]; g: "mse" (Eq. 11, 13), "bce" (Eq. 12) or "pairwise" (Eq. 10). Returns (losses (B,), rho (N,),
+    s_theta (N,)), the last two detached.
     """
-    logratios = policy_logps - reference_logps  # (N,) rho(x, y)
-    rewards = beta * logratios  # (N,) implicit reward r_theta, Eq. 6 of 2408.15339 with f = c = 0
-    s_theta = torch.sigmoid(rewards)  # (N,) Eq. 8 of 2408.15339
-    if loss == "pairwise":  # Eq. 10 of 2408.15339 with g = -log sigmoid of the margin: Eq. 7 of 2305.18290 (DPO)
-        chosen_logratios, rejected_logratios = logratios.view(2, -1)  # (B,) rho(x, y_w), rho(x, y_l)
-        losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
-    elif loss == "mse":  # Eq. 11 (binary) and 13 (score) of 2408.15339, without Eq. 11's misprinted minus
-        losses = (s_theta - targets) ** 2
+    # ALGO LOGIC: the implicit reward beta * rho (Eq. 6 with f = c = 0) squeezed into [0, 1], compared with s_phi
+    rho = policy_logps - reference_logps  # (N,) rho(x, y), the log-ratio
+    s_theta = torch.sigmoid(beta * rho)  # (N,) Eq. 8 of 2408.15339
+    if g == "pairwise":  # Eq. 10 of 2408.15339 with g = -log sigmoid of the margin: Eq. 7 of 2305.18290 (DPO)
+        chosen_rho, rejected_rho = rho.view(2, -1)  # (B,) rho(x, y_w), rho(x, y_l)
+        losses = -F.logsigmoid(beta * (chosen_rho - rejected_rho))
+    elif g == "mse":  # Eq. 11 (binary) and 13 (score) of 2408.15339, without the minus misprinted in both
+        losses = (s_theta - s_phi) ** 2
     else:  # Eq. 12 of 2408.15339: -[s_phi log s_theta + (1 - s_phi) log(1 - s_theta)], from the logits for stability
-        losses = F.binary_cross_entropy_with_logits(rewards, targets, reduction="none")
-    return losses, rewards.detach(), s_theta.detach()
+        losses = F.binary_cross_entropy_with_logits(beta * rho, s_phi, reduction="none")
+    return losses, rho.detach(), s_theta.detach()
 
 
 def forward_completions(model, batch):
@@ -179,14 +198,17 @@ def forward_completions(model, batch):
     return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]  # (N,)
 
 
+GROUPS = {"pairwise": ("chosen", "rejected"), "binary": ("positive", "negative"), "score": ("high", "low")}
+# scores keep gaining at learning rates where DPO's true reward falls (README); the paper: 3e-5 for scores, else 5e-6
+LEARNING_RATES = {"pairwise": 1e-5, "binary": 1e-5, "score": 6e-5}
+
+
 def load_feedback(dataset, split, feedback, score_range, seed):
     """Rows of one split checked for `feedback`, and each row's target s_phi ((1, 0) for a pair: chosen, rejected).
     Binary feedback on pairs (told by the columns) unpairs them: chosen -> 1, rejected -> 0, shuffled."""
     rows = load_rows(dataset, split, "prompts")  # (none: the default held-out split, and the data has none)
     if rows and feedback == "binary" and {"chosen", "rejected"} <= rows[0].keys():
-        rows = [{"prompt": r["prompt"], "completion": r[f], "label": f == "chosen"}
-                for r in load_rows(dataset, split, "pairwise") for f in ("chosen", "rejected")]
-        random.Random(seed).shuffle(rows)  # so that a batch is not all one label
+        rows = unpair_rows(load_rows(dataset, split, "pairwise"), seed)  # shuffled: a batch is not all one label
     elif rows:
         rows = load_rows(dataset, split, feedback)
     if feedback != "score":
@@ -200,17 +222,18 @@ def load_feedback(dataset, split, feedback, score_range, seed):
 
 
 def metric_sums(losses, rewards, s_theta, policy_logps, batch, counted, groups):
-    """Sums over the counted examples (B,) to add up over micro-batches and ranks; groups: s_phi >= 1/2, < 1/2."""
-    targets, rows = batch["targets"], counted.repeat(len(rewards) // len(counted))  # (N,) s_phi, counted completions
+    """Sums over the counted examples (B,) to add up over micro-batches and ranks; rewards: (N,) beta * rho;
+    groups: s_phi >= 1/2, < 1/2."""
+    s_phi, rows = batch["s_phi"], counted.repeat(len(rewards) // len(counted))  # (N,) targets, counted completions
     sums = {"loss": losses[counted].sum(), "count": counted.sum()}
-    for group, members in zip(groups, (rows & (targets >= 0.5), rows & (targets < 0.5))):
+    for group, members in zip(groups, (rows & (s_phi >= 0.5), rows & (s_phi < 0.5))):
         sums[f"size/{group}"] = members.sum()
         for name, values in (("rewards", rewards), ("s_theta", s_theta), ("logps", policy_logps)):
             sums[f"{name}/{group}"] = values[members].sum()
     if len(rewards) > len(counted):  # pairs: the B chosen, then the B rejected
         margins = (rewards[: len(counted)] - rewards[len(counted) :])[counted]  # (B,)
         sums["rewards/margins"], sums["rewards/accuracies"] = margins.sum(), (margins > 0).sum()
-    s, t = s_theta[rows].double(), targets[rows].double()  # the moments of Pearson's correlation of s_theta and s_phi
+    s, t = s_theta[rows].double(), s_phi[rows].double()  # the moments of Pearson's correlation of s_theta and s_phi
     return {**sums, "n": rows.sum(), "s": s.sum(), "t": t.sum(), "ss": s @ s, "tt": t @ t, "st": s @ t}
 
 
@@ -241,7 +264,7 @@ if __name__ == "__main__":
     gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else on_gpu
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     pairwise, groups = args.feedback == "pairwise", GROUPS[args.feedback]
-    unit, loss = ("pairs", "pairwise") if pairwise else ("completions", args.loss)  # loss: the discrepancy g
+    unit, g = ("pairs", "pairwise") if pairwise else ("completions", args.loss)  # g: the discrepancy of Eq. 9
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
     if args.loss == "bce" and args.feedback != "binary":
@@ -256,16 +279,18 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
-    feedback = (args.feedback, args.score_range, args.seed)
-    train_rows, train_targets = load_feedback(args.dataset, args.train_split, *feedback)
+    feedback = dict(feedback=args.feedback, score_range=args.score_range, seed=args.seed)
+    # ALGO LOGIC: each completion's target s_phi in [0, 1] (the chosen's 1 and the rejected's 0 for a pair)
+    train_rows, train_s_phi = load_feedback(args.dataset, args.train_split, **feedback)
     no_eval = args.eval_split == ""
-    eval_rows, eval_targets = ([], []) if no_eval else load_feedback(args.dataset, args.eval_split, *feedback)
-    fields, lengths = ["chosen", "rejected"] if pairwise else ["completion"], (args.max_length, args.max_prompt_length)
+    eval_rows, eval_s_phi = ([], []) if no_eval else load_feedback(args.dataset, args.eval_split, **feedback)
+    fields = ["chosen", "rejected"] if pairwise else ["completion"]
+    lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
-    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
-    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
-    for example, target in zip(train_examples + eval_examples, train_targets + eval_targets):
-        example["targets"] = list(target) if pairwise else [target]  # s_phi of its completions (chosen, rejected)
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
+    for example, s_phi in zip(train_examples + eval_examples, train_s_phi + eval_s_phi):
+        example["s_phi"] = list(s_phi) if pairwise else [s_phi]  # of its completions (chosen, rejected)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
         raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
@@ -316,7 +341,7 @@ if __name__ == "__main__":
         """The padded batch of `examples` on the device: N rows, the B completions or B chosen then B rejected."""
         rows = [{"prompt_ids": e["prompt_ids"], "completion_ids": e[f + "_ids"]} for f in fields for e in examples]
         batch = collate_completions(rows, tokenizer.pad_token_id)
-        batch["targets"] = torch.tensor([e["targets"] for e in examples]).T.flatten()  # (B, 1 or 2) -> (N,) s_phi
+        batch["s_phi"] = torch.tensor([e["s_phi"] for e in examples]).T.flatten()  # (B, 1 or 2) -> (N,)
         if args.precompute_ref_logprobs and "reference_logps" in examples[0]:
             batch["reference_logps"] = torch.tensor([e["reference_logps"] for e in examples]).T.flatten()  # (N,)
         return {k: v.to(device) for k, v in batch.items()}
@@ -351,7 +376,8 @@ if __name__ == "__main__":
                 counted = torch.tensor([i < len(eval_examples) for i in indices], device=device)  # (B,)
                 policy_logps = forward_completions(model, batch)
                 reference_logps = reference_completions(batch)
-                losses, rewards, s_theta = una_loss(policy_logps, reference_logps, batch["targets"], args.beta, loss)
+                losses, rho, s_theta = una_loss(policy_logps, reference_logps, batch["s_phi"], beta=args.beta, g=g)
+                rewards = args.beta * rho  # (N,) the implicit reward
                 for name, value in metric_sums(losses, rewards, s_theta, policy_logps, batch, counted, groups).items():
                     sums[name] = sums.get(name, 0) + value.double()
         model.train()
@@ -386,16 +412,19 @@ if __name__ == "__main__":
             batch = make_batch([train_examples[i] for i in indices])
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
+                # ALGO LOGIC: the log-probs of the policy and the reference, UNA's loss, its gradient
                 policy_logps = forward_completions(policy, batch)
                 reference_logps = reference_completions(batch)
-                losses, rewards, s_theta = una_loss(policy_logps, reference_logps, batch["targets"], args.beta, loss)
+                losses, rho, s_theta = una_loss(policy_logps, reference_logps, batch["s_phi"], beta=args.beta, g=g)
                 (losses.mean() / args.gradient_accumulation_steps).backward()
+            rewards = args.beta * rho  # (N,) the implicit reward
             counted = torch.ones(len(losses), dtype=torch.bool, device=device)  # (B,)
             for name, value in {
                 **metric_sums(losses.detach(), rewards, s_theta, policy_logps.detach(), batch, counted, groups),
                 "tokens": batch["attention_mask"].sum(),
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
         if world_size > 1:
@@ -446,9 +475,12 @@ if __name__ == "__main__":
     if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency
         from toy.evaluate import compare_policies
 
-        sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
-        sampling = (*sampling, args.seed, device, bf16)
-        results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        results.update(compare_policies(
+            trained=args.output_dir, starting=args.model_name, tokenizer=tokenizer, rows=eval_rows,
+            num_prompts=args.sample_prompts, samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens, batch_size=args.per_device_batch_size, seed=args.seed, device=device,
+            bf16=bf16,
+        ))
         metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

@@ -1,55 +1,55 @@
-"""Online UNA: RLHF as supervised learning (Wang et al. 2024, https://arxiv.org/abs/2408.15339).
+"""UNA: Unified Alignment (Wang et al. 2024, https://arxiv.org/abs/2408.15339), online: RLHF as supervised learning.
 
-UNA's reading of the RLHF objective max E[r(x,y)] - beta KL(pi || ref): the optimal policy's
-implicit reward beta * [log pi(y|x) - log ref(y|x)] equals the explicit reward (up to a
-function of x, set to 0). Online UNA samples y ~ pi(.|x) for a batch of prompts, scores the
-samples with an explicit reward, and regresses the normalized implicit reward onto it:
+RLHF maximizes E[r(x,y)] - beta KL(pi || ref). Its optimal policy satisfies r(x,y) = beta log(pi(y|x)/ref(y|x))
++ f(x) + c (Eq. 6): the reward equals the scaled log-ratio, up to a term that depends on the prompt alone (f(x))
+and a constant (c). UNA sets f = c = 0, so that beta * rho, with rho = log pi(y|x) - log ref(y|x), is the policy's
+implicit reward, and trains it by supervised learning onto a target s_phi in [0, 1] per completion:
 
-    rho     = log pi(y|x) - log ref(y|x)        summed over the generated tokens only
-    s_theta = sigmoid(beta * rho)                                     (Eq. 8)
-    s_phi   = normalized explicit reward in [0, 1]                    (Eq. 13)
-    L = (s_theta - s_phi)^2, averaged over the samples                (Eq. 9, MSE)
+    rho     = log pi(y|x) - log ref(y|x)         summed over the completion's tokens
+    s_theta = sigmoid(beta * rho)                                              (Eq. 8)
+    L       = E[g(s_phi(x, y), s_theta(x, y))], the mean over the completions  (Eq. 9)
 
-A supervised replacement for PPO: no value model, no advantages, no clipping; the KL to the
-reference is controlled only through beta. How this script departs from the paper and from
-the authors' code:
-  1. The reward is a Python function (`--reward-fn module:function`, called on a batch:
-     f(prompts, completions) -> floats) or a Hugging Face reward model (`--reward-model`).
-     Either's raw score goes to [0, 1] by sigmoid, as the paper does, or min-max with
-     `--reward-range`. The default is the built-in task's ground truth, `toy.task:rewards`,
-     already in [0, 1] (range 0 1, no sigmoid). A completion cut off at --max-new-tokens is
-     scored as it stands (the built-in task's are ungrammatical, 0).
-  2. rho is taken against the frozen reference, as in the paper; the authors' code uses the
-     rollout-time policy there (and keeps PPO's value model, which we drop).
-  3. `--missing-eos-penalty` (the authors' code: 1.0; ours: 0 by default) is subtracted from
-     the raw score of a sample that did not end with EOS, before normalization.
-  4. `--updates-per-batch` K > 1 takes K gradient steps on each batch of samples (the later
-     ones are off-policy); K = 1 is the on-policy algorithm.
+ref is the frozen starting policy, --model-name: a second copy of it, or with --lora-r the policy itself with its
+LoRA adapter switched off. At the start pi = ref, so rho = 0 and s_theta = 0.5; training drives beta * rho toward
+logit(s_phi). A target above 0.5 raises the completion's probability, below 0.5 lowers it, and 0.5 means "no
+change" (a score of 5.5 on a 1-10 scale, for example).
 
-Data: the prompts of any dataset; only the "prompt" column is read (plain text or a list of
-messages), so prompts-only, pairwise, binary and score files all work and their other columns
-are ignored. A reward function gets the prompts as they are, and each completion as text, or
-for a list of messages as [{"role": "assistant", "content": text}]; it returns one finite
-number per sample (one that raises or returns anything else stops the run, naming the row).
+Online, for each batch of prompts: sample y ~ pi(.|x), score each sample with a --reward-fn (any Python
+function) or a --reward-model, take s_phi = the score min-maxed from --reward-range LOW HIGH into [0, 1],
+clipped, or with no range sigmoid(score) (the paper says only "normalized"; the sigmoid is the authors' code's,
+una_peft.py), and take one step with g = (s_theta - s_phi)^2 (Eq. 13). PPO's job with no value model, no
+advantages, no clipping: the KL to ref is controlled only through beta.
 
-Run:
-    python una_online.py                               # built-in task, CPU, under a minute
-    python una_online.py --reward-fn my_rewards.py:score --reward-range 0 1 --dataset my_prompts.jsonl
+The paper prints a minus before the squared error of Eq. 11 and of Eq. 13: typos (the authors' code minimizes the
+positive squared error, as here). How this script departs from the paper and the authors' code:
+  1. rho is taken against the frozen reference, as in the paper; the authors' code uses the rollout-time policy
+     there, keeps PPO's value model (which we drop) and takes 4 passes over each batch of samples (we take one).
+  2. `--missing-eos-penalty` (the authors' code: 1.0; ours: 0 by default) is subtracted from the raw score of
+     a sample that did not end with EOS, before normalization. A sample cut off at --max-new-tokens is scored
+     as it stands (the built-in task's are ungrammatical, 0).
+
+The method: una_loss, and the lines marked "# ALGO LOGIC" (the targets s_phi, the log-ratios, the loss, the
+step). The rest is setup, data, checkpoints and logging, the same in every script.
+
+Data: the "prompt" column of any dataset (plain text or a list of messages). A reward function f(prompts,
+completions) gets the prompts as they are and each completion as text (for a list of messages,
+[{"role": "assistant", "content": text}]), and returns one finite number per sample.
+
+Run (in a folder with this file and common.py, on your own model, prompts and reward):
+    python una_online.py --model-name path/to/sft-model --dataset my_prompts.jsonl --reward-fn my_rewards.py:score
     torchrun --nproc_per_node 8 una_online.py --model-name Qwen/Qwen2-1.5B-Instruct \\
         --dataset trl-lib/ultrafeedback-prompt --reward-model Ray2333/GRM-Gemma-2B-rewardmodel-ft \\
         --beta 0.03 --learning-rate 5e-6 --per-device-batch-size 8 --max-new-tokens 256 \\
         --max-prompt-length 512 --eval-split ''
+    python una_online.py                               # in this repository: the built-in task, CPU, under a minute
     (a 7B model over several nodes with --fsdp and --lora-r: README, "Real scale on GPUs")
 
-Outputs in --output-dir: metrics.jsonl (one line per step), eval.json, args.json, and the
+Outputs in --output-dir: metrics.jsonl (one line per step), samples.jsonl, eval.json, args.json, and the
 trained policy in Hugging Face format (with --lora-r, its LoRA adapter).
 """
 
-import importlib
-import importlib.util
 import json
 import math
-import numbers
 import os
 import resource
 import time
@@ -60,18 +60,22 @@ from typing import Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
+    IGNORE_INDEX,
     MetricsLog,
-    build_batch,
-    end_of_turn_id,
+    Scorer,
+    collate_completions,
+    generate,
     load_checkpoint,
     load_model,
     load_rows,
     load_tokenizer,
     lr_lambda,
+    micro_batch,
     print0,
     save_checkpoint,
     save_model,
@@ -86,7 +90,7 @@ from common import (
 class Args:
     # --- model and data ---
     model_name: str = "toy/sft-policy"
-    """hub id or local path of the starting policy (usually SFT); the frozen reference is a copy"""
+    """hub id or local path of the starting policy (usually SFT), where the reference starts"""
     dataset: str = "toy/data/prompts"
     """hub id, local folder, or .json/.jsonl/.parquet file of rows with a "prompt" column (others are ignored)"""
     train_split: str = "train"
@@ -108,11 +112,9 @@ class Args:
     reward_model: str = ""
     """hub id or local path of a one-output sequence-classification reward model, instead of a --reward-fn"""
     reward_range: Optional[Tuple[float, float]] = None
-    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: sigmoid; 0 1 for toy.task:rewards)"""
+    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: sigmoid, as the authors' code; 0 1 for toy.task)"""
     missing_eos_penalty: float = 0.0
     """subtracted from the raw score of a sample that did not end with EOS (the authors' code uses 1.0)"""
-    updates_per_batch: int = 1
-    """optimizer steps on each batch of samples (1: on-policy)"""
     temperature: float = 1.0
     """sampling temperature (1: sample from the policy itself, which the KL estimate assumes)"""
     top_p: float = 1.0
@@ -124,11 +126,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1
-    """fraction of the optimizer steps spent warming up the learning rate linearly from 0"""
+    """fraction of the optimizer steps spent warming up the learning rate linearly: step s < w uses (s + 1) / (w + 1)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup"""
     max_grad_norm: float = 10.0
-    """gradient clipping threshold (global L2 norm)"""
+    """gradient clipping threshold, global L2 norm (the papers give none; Hugging Face Trainer and TRL: 1.0)"""
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
@@ -162,7 +164,7 @@ class Args:
 
     # --- checkpoints ---
     save_every: int = 0
-    """write a checkpoint every this many optimizer steps, a multiple of --updates-per-batch (0: never)"""
+    """write a checkpoint every this many optimizer steps (0: never)"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
     resume_from: str = ""
@@ -185,137 +187,28 @@ class Args:
     """with LoRA, also save the policy with its adapter merged in, to <output_dir>/merged"""
 
 
-def una_online_loss(policy_logps, reference_logps, rewards, beta):
-    """Online UNA loss of a batch of sampled completions.
-
-    policy_logps, reference_logps: (B,) log pi(y|x) summed over each sample's generated tokens;
-    rewards: (B,) normalized explicit rewards s_phi in [0, 1]. Returns (losses, implicit_scores,
-    logratios), each (B,): the squared errors, s_theta and rho (the last two detached).
+def una_loss(policy_logps, reference_logps, s_phi, beta, g):
+    """UNA's loss (Eq. 9) of N completions: B = N, or B pairs for g "pairwise" (the B chosen, then the B rejected).
+    policy_logps, reference_logps: (N,) log pi(y|x), log ref(y|x) summed over completion tokens; s_phi: (N,) targets
+    in [0, 1]; g: "mse" (Eq. 11, 13), "bce" (Eq. 12) or "pairwise" (Eq. 10). Returns (losses (B,), rho (N,),
+    s_theta (N,)), the last two detached.
     """
-    logratios = policy_logps - reference_logps  # (B,) rho(x, y)
-    implicit_scores = torch.sigmoid(beta * logratios)  # (B,) s_theta, Eq. 8 of 2408.15339
-    losses = (implicit_scores - rewards) ** 2  # (B,) MSE between s_theta and s_phi, Eq. 9 / 13
-    return losses, implicit_scores.detach(), logratios.detach()
+    # ALGO LOGIC: the implicit reward beta * rho (Eq. 6 with f = c = 0) squeezed into [0, 1], compared with s_phi
+    rho = policy_logps - reference_logps  # (N,) rho(x, y), the log-ratio
+    s_theta = torch.sigmoid(beta * rho)  # (N,) Eq. 8 of 2408.15339
+    if g == "pairwise":  # Eq. 10 of 2408.15339 with g = -log sigmoid of the margin: Eq. 7 of 2305.18290 (DPO)
+        chosen_rho, rejected_rho = rho.view(2, -1)  # (B,) rho(x, y_w), rho(x, y_l)
+        losses = -F.logsigmoid(beta * (chosen_rho - rejected_rho))
+    elif g == "mse":  # Eq. 11 (binary) and 13 (score) of 2408.15339, without the minus misprinted in both
+        losses = (s_theta - s_phi) ** 2
+    else:  # Eq. 12 of 2408.15339: -[s_phi log s_theta + (1 - s_phi) log(1 - s_theta)], from the logits for stability
+        losses = F.binary_cross_entropy_with_logits(beta * rho, s_phi, reduction="none")
+    return losses, rho.detach(), s_theta.detach()
 
 
-def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
-    """Raw scores (B,) -> s_phi (B,) in [0, 1]: subtract the missing-EOS penalty where a sample
-    did not end, then sigmoid (reward_range None, as in the paper) or min-max to the range, clipped."""
-    scores = scores - missing_eos_penalty * (~ended).float()  # (B,)
-    if reward_range is None:
-        return torch.sigmoid(scores)
-    low, high = reward_range
-    return ((scores - low) / (high - low)).clamp(0.0, 1.0)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1.0, top_p=1.0):
-    """Sample one completion per prompt (KV-cached, left-padded). Returns the completion token lists, each cut
-    after its first EOS or chat-template end of turn, and whether each ended so (False: it hit max_new_tokens)."""
-    batch = build_batch(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, padding_side="left")
-    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    stop = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}  # a chat template's end of turn (<|im_end|>) ends it too
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature, top_p=top_p,
-        top_k=0,  # transformers' default top-k of 50 would bias sampling (and the KL estimate)
-        max_new_tokens=max_new_tokens, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
-    )[:, input_ids.shape[1] :].tolist()  # fmt: skip
-    ends = [next((j for j, t in enumerate(ids) if t in stop), None) for ids in out]
-    return [ids if j is None else ids[: j + 1] for ids, j in zip(out, ends)], [j is not None for j in ends]
-
-
-def load_reward_model(name, device):
-    """A sequence-classification reward model with one output, frozen in fp32, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
-        reward_tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"could not load --reward-model {name!r}: {e}")
-    if reward_model.config.num_labels != 1:
-        raise SystemExit(f"--reward-model {name!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
-    if reward_tokenizer.pad_token is None:
-        if reward_tokenizer.eos_token is None:
-            raise SystemExit(f"the tokenizer of --reward-model {name!r} has neither a pad nor an EOS token to pad with")
-        reward_tokenizer.pad_token = reward_tokenizer.eos_token
-    reward_tokenizer.padding_side = "right"  # position ids then count real tokens: a batch scores as each text alone
-    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id  # it scores the last token that is not padding
-    return reward_model.to(device).eval().requires_grad_(False), reward_tokenizer
-
-
-def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids):
-    """The texts a reward model scores: with a chat template, the prompt messages (a plain prompt
-    becomes one user message) and the completion as the assistant's reply; without one, the
-    prompt and completion as the policy saw them, decoded without special tokens."""
-    if getattr(reward_tokenizer, "chat_template", None) is None:
-        return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completion_ids)]
-    texts = []
-    for prompt, c in zip(prompts, completion_ids):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        reply = {"role": "assistant", "content": tokenizer.decode(c, skip_special_tokens=True)}
-        texts.append(reward_tokenizer.apply_chat_template(messages + [reply], tokenize=False))
-    return texts
-
-
-def load_reward_fn(spec):
-    """The function that --reward-fn names: "module:function" (a module importable from the current
-    folder or the path) or "path/to/file.py:function"."""
-    module_name, _, function_name = spec.rpartition(":")
-    if not module_name or not function_name:
-        raise SystemExit(f"--reward-fn {spec!r}: give module:function, e.g. toy.task:rewards or my_rewards.py:score")
-    try:
-        if module_name.endswith(".py"):
-            found = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-            module = importlib.util.module_from_spec(found)
-            found.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except (ImportError, OSError) as e:
-        raise SystemExit(f"--reward-fn {spec!r}: could not import {module_name!r} ({e}); run from the folder that "
-                         "holds it, add it to PYTHONPATH, or give the path of the .py file")
-    reward_fn = getattr(module, function_name, None)
-    if not callable(reward_fn):
-        raise SystemExit(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}")
-    return reward_fn
-
-
-def reward_fn_scores(reward_fn, spec, prompts, completions):
-    """Raw scores (B,) of a reward function for a batch of prompts and completion texts; a completion of a
-    conversation (its prompt a list of messages) is passed as [{"role": "assistant", "content": text}]. A function
-    that raises, returns another number of scores, or a score that is not a finite number stops the run."""
-    completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
-                   for p, c in zip(prompts, completions)]  # fmt: skip
-    try:
-        scores = reward_fn(prompts, completions)
-    except Exception as batch_error:  # noqa: BLE001 (any error of the user's function is reported, with its row)
-        error, row = batch_error, f"a batch of {len(prompts)} rows (first prompt {prompts[0]!r})"
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):  # the first row it fails on alone
-            try:
-                reward_fn([prompt], [completion])
-            except Exception as row_error:  # noqa: BLE001
-                error, row = row_error, f"row {i} of the batch (prompt {prompt!r}, completion {completion!r})"
-                break
-        raise SystemExit(f"--reward-fn {spec}: raised {type(error).__name__}: {error} on {row}; fix the function "
-                         "(run it on that row alone to see the traceback)")
-    scores = scores.tolist() if isinstance(scores, torch.Tensor) else scores
-    if not hasattr(scores, "__len__") or len(scores) != len(prompts):
-        got = f"{len(scores)} scores" if hasattr(scores, "__len__") else repr(scores)
-        raise SystemExit(f"--reward-fn {spec}: returned {got} for a batch of {len(prompts)} rows; "
-                         "it must return one score per completion")
-    for i, score in enumerate(scores):
-        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
-            raise SystemExit(f"--reward-fn {spec}: returned {score!r} for row {i} of the batch (prompt {prompts[i]!r}, "
-                             f"completion {completions[i]!r}); each score must be a finite int or float")
-    return torch.tensor([float(score) for score in scores])  # (B,)
-
-
-@torch.no_grad()
-def reward_model_scores(reward_model, reward_tokenizer, texts):
-    """Raw scores (B,) of a reward model for a batch of reward_model_texts."""
-    add_special_tokens = getattr(reward_tokenizer, "chat_template", None) is None  # a rendered template has them
-    inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    return reward_model(**inputs.to(reward_model.device)).logits[:, 0].float()  # (B,)
+def forward_completions(model, batch):
+    """Log-probs (N,) of the batch's N completions in one forward pass."""
+    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]  # (N,)
 
 
 if __name__ == "__main__":
@@ -329,46 +222,35 @@ if __name__ == "__main__":
     bf16 = args.bf16 if args.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else on_gpu
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
+    unit, g = "prompts", "mse"  # g: the discrepancy of Eq. 9, the squared error online
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
-    if args.reward_range is not None and not args.reward_range[0] < args.reward_range[1]:
-        raise SystemExit(f"--reward-range LOW HIGH needs LOW < HIGH, got {args.reward_range}")
-    if args.updates_per_batch < 1:
-        raise SystemExit(f"--updates-per-batch must be at least 1, got {args.updates_per_batch}")
-    if args.save_every % args.updates_per_batch:
-        raise SystemExit(
-            f"--save-every ({args.save_every}) must be a multiple of --updates-per-batch ({args.updates_per_batch}): "
-            "a checkpoint is taken when a batch of samples is used up"
-        )
-    if args.reward_fn and args.reward_model:
-        raise SystemExit(f"give --reward-fn ({args.reward_fn}) or --reward-model ({args.reward_model}), not both")
     if not (args.reward_fn or args.reward_model) and not args.dataset.startswith("toy/"):
         raise SystemExit(f"--dataset {args.dataset} is not the built-in task, whose reward function is the default: "
                          "give a --reward-model or a --reward-fn module:function")
-    reward_fn_name = args.reward_fn or ("" if args.reward_model else "toy.task:rewards")
-    reward_range = args.reward_range or ((0.0, 1.0) if reward_fn_name == "toy.task:rewards" else None)  # or sigmoid
-    print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} prompts")
+    print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} {unit}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
-    train_rows = load_rows(args.dataset, args.train_split, "prompts")
-    eval_rows = load_rows(args.dataset, args.eval_split, "prompts") if args.eval_split != "" else []
-    fields, lengths = [], (args.max_prompt_length + args.max_new_tokens, args.max_prompt_length)
+    train_rows = load_rows(args.dataset, args.train_split, "prompts")  # the prompts; the completions are sampled
+    no_eval = args.eval_split == ""
+    eval_rows = [] if no_eval else load_rows(args.dataset, args.eval_split, "prompts")
+    fields = []
+    lengths = dict(max_length=args.max_prompt_length + args.max_new_tokens, max_prompt_length=args.max_prompt_length)
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
-    train_examples = tokenize_examples(tokenizer, train_rows, fields, *lengths, source=train_source)
-    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, *lengths, source=eval_source)
+    train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
+    eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // global_batch_size
     if batches_per_epoch == 0:
         raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
-    total_steps = batches_per_epoch * args.num_epochs * args.updates_per_batch
+    total_steps = batches_per_epoch * args.num_epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     leftover = len(train_examples) - batches_per_epoch * global_batch_size
     print0(
-        f"{len(train_examples)} training prompts, {batches_per_epoch} batches of samples per epoch, "
-        f"{args.updates_per_batch} step(s) per batch, {total_steps} steps"
-        + (f"; each epoch's last {leftover} prompts (drawn anew every epoch) wait for the next" if leftover else "")
+        f"{len(train_examples)} training {unit}, {batches_per_epoch} steps per epoch, {total_steps} steps"
+        + (f"; each epoch's last {leftover} {unit} (drawn anew each epoch) wait for the next epoch" if leftover else "")
     )
 
     # ------------------------------------------------------------------ models
@@ -403,61 +285,42 @@ if __name__ == "__main__":
     elif world_size > 1:  # DDP: every process holds the whole policy, and backward averages the gradients
         policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
     model = policy.module if isinstance(policy, DDP) else policy  # the policy without DDP's wrapper
-    if args.reward_model:  # whole on every rank: it only scores
-        reward_model, reward_tokenizer = load_reward_model(args.reward_model, device)
-    else:  # toy/ is imported only when its function is the one named
-        reward_fn = load_reward_fn(reward_fn_name)
+    # the explicit reward: --reward-fn or --reward-model (whole on every rank: it only scores), and its s_phi
+    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
+                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup_steps = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
 
-    def make_batch(examples):
-        """The padded batch of `examples` (prompt and sampled completion ids) on the device: labels on the
-        completion tokens only, up to and including EOS."""
-        prompt_ids, completion_ids = [e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples]
-        batch = build_batch(prompt_ids, completion_ids, tokenizer.pad_token_id)
-        return {k: v.to(device) for k, v in batch.items()}
-
     @torch.no_grad()
-    def reference_samples(batch):
-        """The reference's log-probs (B,) of the sampled completions."""
+    def reference_completions(batch):
+        """The reference's log-probs (N,) of the batch's completions."""
         with model.disable_adapter() if args.lora_r > 0 else nullcontext():
-            return sequence_logps(model if reference is None else reference, **batch)[0]
+            return forward_completions(model if reference is None else reference, batch)
 
     @torch.no_grad()
     def sample_and_score(examples, prompts):
-        """Sample one completion per prompt from the current policy, score it, and take the reference's
-        log-probs. Returns the batch, raw scores, s_phi, reference log-probs and seconds spent."""
+        """One completion sampled per prompt from the current policy, as a padded batch on the device with the
+        samples' raw "scores" (B,), "s_phi" (B,), "reference_logps" (B,), "ended" (B,) and their texts."""
         generate_start = time.time()
         prompt_ids = [e["prompt_ids"] for e in examples]
         model.eval()  # no dropout, and the KV cache works with gradient checkpointing
         with autocast:  # under FSDP, a rank whose samples all ended keeps stepping with the others (synced_gpus)
             completion_ids, ended = generate(model, tokenizer, prompt_ids, args.max_new_tokens, device,
-                                             args.temperature, args.top_p)  # each cut after its EOS
+                                             temperature=args.temperature, top_p=args.top_p)  # each cut after EOS
         model.train()
         score_start = time.time()
-        completions = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-        if args.reward_model:
-            texts = reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, completion_ids)
-            with autocast:
-                scores = reward_model_scores(reward_model, reward_tokenizer, texts)  # (B,)
-        else:  # a Python function of the prompts and completions
-            scores = reward_fn_scores(reward_fn, reward_fn_name, prompts, completions)  # (B,)
-        scores, ended = scores.to(device), torch.tensor(ended, device=device)  # (B,), (B,)
+        scores, s_phi = scorer(prompts, prompt_ids, completion_ids, ended)  # (B,), (B,)
         # generation is left-padded; the training batch is padded on the right
-        batch = make_batch([{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompt_ids, completion_ids)])
+        rows = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompt_ids, completion_ids)]
+        batch = {k: v.to(device) for k, v in collate_completions(rows, tokenizer.pad_token_id).items()}
         with autocast:
-            reference_logps = reference_samples(batch)  # (B,)
-        return {
-            "batch": batch,
-            "scores": scores,
-            "rewards": normalize_rewards(scores, ended, reward_range, args.missing_eos_penalty),  # (B,) s_phi
-            "reference_logps": reference_logps,
-            "ended": ended,
-            "prompts": prompts,
-            "completions": completions,
-            "seconds": (score_start - generate_start, time.time() - score_start),
-        }
+            batch["reference_logps"] = reference_completions(batch)  # (B,)
+        batch.update(scores=scores, s_phi=s_phi, ended=torch.tensor(ended, device=device))
+        batch["prompts"], batch["completions"] = prompts, [tokenizer.decode(c, skip_special_tokens=True)
+                                                           for c in completion_ids]  # fmt: skip
+        batch["seconds"] = (score_start - generate_start, time.time() - score_start)
+        return batch
 
     def evaluate():
         """Mean score and KL of one sample per held-out row, split over the ranks, with the same seed each time.
@@ -469,14 +332,14 @@ if __name__ == "__main__":
             for b in range(math.ceil(len(eval_examples) / (world_size * B))):
                 indices = [(b * world_size + rank) * B + i for i in range(B)]
                 examples = [eval_examples[i % len(eval_examples)] for i in indices]
-                sample = sample_and_score(examples, [eval_rows[i % len(eval_rows)]["prompt"] for i in indices])
+                batch = sample_and_score(examples, [eval_rows[i % len(eval_rows)]["prompt"] for i in indices])
                 counted = torch.tensor([i < len(eval_examples) for i in indices], device=device)  # (B,)
                 model.eval()
                 with torch.no_grad(), autocast:
-                    policy_logps, _ = sequence_logps(model, **sample["batch"])  # (B,)
+                    policy_logps = forward_completions(model, batch)  # (B,)
                 model.train()
-                kls = policy_logps - sample["reference_logps"]  # (B,) rho: its mean estimates KL(pi || ref)
-                sums += torch.stack([sample["scores"][counted].sum(), kls[counted].sum(), counted.sum()])  # (3,)
+                kls = policy_logps - batch["reference_logps"]  # (B,) rho: its mean estimates KL(pi || ref)
+                sums += torch.stack([batch["scores"][counted].sum(), kls[counted].sum(), counted.sum()])  # (3,)
         if world_size > 1:
             dist.all_reduce(sums)
         score, kl, count = sums.tolist()
@@ -499,46 +362,36 @@ if __name__ == "__main__":
         return save_checkpoint(args.output_dir, step, args.keep_checkpoints, tokenizer,
                                models, optimizer, scheduler, args)
 
-    num_batches = math.ceil(total_steps / args.updates_per_batch)  # batches of samples (--max-steps may cut one)
-    batches = training_batches(len(train_examples), global_batch_size, args.seed, step // args.updates_per_batch,
-                               num_batches)
-    samples = []  # this rank's micro-batches of scored samples, trained on for --updates-per-batch steps
-    while step < total_steps:
+    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
         step_start = time.time()
-        new_samples = not samples or step % args.updates_per_batch == 0
-        if new_samples:
-            epoch, batch_indices = next(batches)
-            B = args.per_device_batch_size
-            samples = []
-            for micro_step in range(args.gradient_accumulation_steps):
-                indices = batch_indices[(micro_step * world_size + rank) * B :][:B]  # common.micro_batch's layout
-                examples, prompts = [train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices]
-                samples.append(sample_and_score(examples, prompts))
-        train_start = time.time()
-        sums = {}  # named sums over this rank's samples of the step, then over the ranks
-        for micro_step, sample in enumerate(samples):
-            batch = sample["batch"]
+        sums, samples = {}, []  # named sums over this rank's samples of the step, then over the ranks; the samples
+        for micro_step in range(args.gradient_accumulation_steps):
+            indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)
+            # ALGO LOGIC: sample y ~ pi(.|x) for this micro-batch's prompts, score each sample: s_phi
+            batch = sample_and_score([train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices])
+            samples.append(batch)
             last_micro_step = micro_step == args.gradient_accumulation_steps - 1
             with policy.no_sync() if isinstance(policy, DDP) and not last_micro_step else nullcontext(), autocast:
-                policy_logps, num_tokens = sequence_logps(policy, **batch)  # (B,), (B,)
-                losses, implicit_scores, logratios = una_online_loss(
-                    policy_logps, sample["reference_logps"], sample["rewards"], args.beta
-                )
+                # ALGO LOGIC: the log-probs of the policy and the reference, UNA's loss, its gradient
+                policy_logps = forward_completions(policy, batch)
+                reference_logps = batch["reference_logps"]
+                losses, rho, s_theta = una_loss(policy_logps, reference_logps, batch["s_phi"], beta=args.beta, g=g)
                 (losses.mean() / args.gradient_accumulation_steps).backward()
             for name, value in {
                 "loss": losses.detach().sum(),
-                "reward/mean": sample["scores"].sum(),  # the raw score, before the penalty and normalization
-                "reward/squared": (sample["scores"] ** 2).sum(),
-                "s_phi": sample["rewards"].sum(),
-                "s_theta": implicit_scores.sum(),
-                "kl": logratios.sum(),  # mean rho: KL(pi || ref) estimate, exact on-policy at temperature 1
+                "reward/mean": batch["scores"].sum(),  # the raw score, before the penalty and normalization
+                "reward/squared": (batch["scores"] ** 2).sum(),
+                "s_phi": batch["s_phi"].sum(),
+                "s_theta": s_theta.sum(),
+                "kl": rho.sum(),  # mean rho: KL(pi || ref) estimate, exact on-policy at temperature 1
                 "logps": policy_logps.detach().sum(),
-                "completion_length": num_tokens.sum(),
-                "ended_with_eos": sample["ended"].sum(),
+                "completion_length": (batch["labels"] != IGNORE_INDEX).sum(),
+                "ended_with_eos": batch["ended"].sum(),
                 "tokens": batch["attention_mask"].sum(),
                 "count": torch.tensor(len(losses)),
             }.items():
                 sums[name] = sums.get(name, 0) + value.double().to(device)
+        # ALGO LOGIC: one optimizer step per global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
         totals = torch.stack(list(sums.values()))
         if world_size > 1:
@@ -563,10 +416,10 @@ if __name__ == "__main__":
         metrics["reward/std"] = max(0.0, squared / count - metrics["reward/mean"] ** 2) ** 0.5
         metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
-        # this rank's seconds: sampling (the first step of a batch only), scoring with the reference, training
-        metrics["time/generate"] = sum(s["seconds"][0] for s in samples) if new_samples else 0.0
-        metrics["time/score"] = sum(s["seconds"][1] for s in samples) if new_samples else 0.0
-        metrics["time/train"] = time.time() - train_start
+        # this rank's seconds: sampling, scoring (the reward and the reference), and the rest (training)
+        metrics["time/generate"] = sum(s["seconds"][0] for s in samples)
+        metrics["time/score"] = sum(s["seconds"][1] for s in samples)
+        metrics["time/train"] = step_seconds - metrics["time/generate"] - metrics["time/score"]
         if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())
         if args.log_samples_every > 0 and (step == 1 or step % args.log_samples_every == 0):  # rank 0's samples
@@ -598,9 +451,12 @@ if __name__ == "__main__":
     if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency
         from toy.evaluate import compare_policies
 
-        sampling = (args.sample_prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size)
-        sampling = (*sampling, args.seed, device, bf16)
-        results.update(compare_policies(args.output_dir, args.model_name, tokenizer, eval_rows, *sampling))
+        results.update(compare_policies(
+            trained=args.output_dir, starting=args.model_name, tokenizer=tokenizer, rows=eval_rows,
+            num_prompts=args.sample_prompts, samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens, batch_size=args.per_device_batch_size, seed=args.seed, device=device,
+            bf16=bf16,
+        ))
         metrics_log.log_samples(step, results.pop("samples", []))  # both policies' examples, to samples.jsonl
     if master_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

@@ -115,7 +115,7 @@ def saved_checkpoint(root, args):
 def checkpoint_args(**changes):
     args = dict(dataset="d", train_split="train", seed=1, num_epochs=1, max_length=64, max_prompt_length=32,
                 per_device_batch_size=8, gradient_accumulation_steps=1, model_name="toy/sft-policy", lora_r=0,
-                lora_alpha=16.0, lora_target_modules=("all-linear",), updates_per_batch=1, learning_rate=1e-3,
+                lora_alpha=16.0, lora_target_modules=("all-linear",), ppo_epochs=4, learning_rate=1e-3,
                 weight_decay=0.0, warmup_ratio=0.125, lr_scheduler="cosine", max_steps=8, beta=0.1,
                 resume_from="", output_dir="out")  # fmt: skip
     return SimpleNamespace(**{**args, **changes})
@@ -154,7 +154,7 @@ def test_resume_sets_the_changed_optimizer_arguments(checkpoint, change, capsys)
     ({"model_name": "other-model"}, "--model-name 'toy/sft-policy' -> 'other-model'"),
     ({"lora_alpha": 8.0}, "--lora-alpha 16.0 -> 8.0"),
     ({"lora_target_modules": ("q_proj",)}, "--lora-target-modules ('all-linear',) -> ('q_proj',)"),
-    ({"updates_per_batch": 2}, "--updates-per-batch 1 -> 2"),  # another batch of samples at the same step
+    ({"ppo_epochs": 2}, "--ppo-epochs 4 -> 2"),  # ppo.py: another batch of samples at the same step
 ])  # fmt: skip
 def test_resume_refuses_a_change_of_what_the_weights_or_batches_are(checkpoint, change, flag):
     args = checkpoint_args(**change)

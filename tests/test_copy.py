@@ -18,7 +18,7 @@ CASES = {
     "tr_dpo.py": ("pairwise", ["--ref-sync-steps", "1"]),
     "kto.py": ("binary", []),
     "una_offline.py": ("score", ["--feedback", "score"]),
-    "una_online.py": ("prompts", ["--updates-per-batch", "1", "--reward-model", "REWARD_MODEL"]),  # no built-in reward
+    "una_online.py": ("prompts", ["--reward-model", "REWARD_MODEL"]),  # no built-in reward
     "ppo.py": ("prompts", ["--reward-fn", "my_reward.py:score", "--reward-range", "0", "1"]),  # the user's function
     "sft.py": ("sft", []),
 }

@@ -48,7 +48,7 @@ def test_sample_records_against_a_recomputation(tiny):
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
     prompts = ["write a positive review of the pizza :", "write a negative review of the movie :"]
-    records = sample_records(policy, model, tokenizer, prompts, 6, 8, 5, torch.device("cpu"), 3, False)  # batches of 5, 5, 2
+    records = sample_records(policy, model, tokenizer, prompts, samples_per_prompt=6, max_new_tokens=8, batch_size=5, device=torch.device("cpu"), seed=3, bf16=False)  # batches of 5, 5, 2
     assert [r["prompt"] for r in records] == [prompts[0]] * 6 + [prompts[1]] * 6
     assert any(not r["ended"] for r in records) and any(r["ended"] for r in records)  # 8 new tokens: some are cut off
     for r in records:
@@ -85,7 +85,7 @@ def test_the_reference_against_itself(tmp_path):
     assert sum(line.startswith("toy/sft-policy ") for line in out.splitlines()) == 2  # the reference row and the checkpoint row
 
 
-@pytest.mark.parametrize("script", ["evaluate", "una_online"])  # each script holds its own copy
+@pytest.mark.parametrize("script", ["common"])  # the one copy, which the online scripts and evaluate.py use
 def test_batched_reward_model_scores_equal_single_text_scores(tmp_path, script):
     module = importlib.import_module(script)
     tokenizer = save_tiny_reward_model(tmp_path / "rm")
@@ -109,7 +109,7 @@ def test_batched_reward_model_scores_equal_single_text_scores(tmp_path, script):
 
 
 def test_a_reward_model_scores_prompts_outside_the_task(tmp_path):
-    from evaluate import reward_model_texts
+    from common import reward_model_texts
 
     tokenizer = save_tiny_reward_model(tmp_path / "rm")
     reward_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()

@@ -54,7 +54,7 @@ def test_committed_sft_policy_reward_matches_readme(tiny):
     model, tokenizer = tiny
     args = Args()  # the README's settings: dpo.py's "starting policy" line (24 held-out prompts x 32 samples, seed 1)
     prompts = unique_prompts(load_rows(args.dataset, args.eval_split, "pairwise"))[: args.sample_prompts]
-    result = sample_eval(model, None, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens, args.per_device_batch_size, torch.device("cpu"), args.seed, False)
+    result = sample_eval(model, None, tokenizer, prompts, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, batch_size=args.per_device_batch_size, device=torch.device("cpu"), seed=args.seed, bf16=False)
     assert result["num_samples"] == 768
     # the same samples on the machine that made the README; another CPU rounds the logits differently, and a few
     # samples (or, in the worst case, all of them) change: two independent estimates of the same mean differ by

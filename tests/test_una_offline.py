@@ -22,8 +22,8 @@ S_THETA = [1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.5)), 0.5]
 
 
 def test_mse_by_hand():
-    losses, rewards, s_theta = una_loss(POLICY, REFERENCE, torch.tensor([1.0, 1.0, 0.0]), BETA, "mse")
-    assert rewards.tolist() == pytest.approx([0.5, -0.5, 0.0], abs=1e-6)
+    losses, rho, s_theta = una_loss(POLICY, REFERENCE, torch.tensor([1.0, 1.0, 0.0]), BETA, "mse")
+    assert (BETA * rho).tolist() == pytest.approx([0.5, -0.5, 0.0], abs=1e-6)
     assert s_theta.tolist() == pytest.approx([0.6224593, 0.3775407, 0.5], abs=1e-6)
     # (s_theta - s_phi)^2, positive: the paper's leading minus on Eq. 11 is a typo
     assert losses.tolist() == pytest.approx([(1 - S_THETA[0]) ** 2, (1 - S_THETA[1]) ** 2, 0.25], abs=1e-6)
@@ -60,7 +60,8 @@ def test_gradient_vanishes_when_s_theta_equals_the_target(loss):
 def test_pairwise_loss_is_dpo_on_the_two_halves():
     # a batch of 2 pairs: rows [chosen 0, chosen 1, rejected 0, rejected 1], targets 1, 1, 0, 0
     policy, reference = torch.tensor([-5.0, -7.0, -6.0, -2.0]), torch.tensor([-6.0, -7.5, -5.0, -3.0])
-    losses, rewards, s_theta = una_loss(policy, reference, torch.tensor([1.0, 1.0, 0.0, 0.0]), 0.1, "pairwise")
+    losses, rho, s_theta = una_loss(policy, reference, torch.tensor([1.0, 1.0, 0.0, 0.0]), 0.1, "pairwise")
+    rewards = 0.1 * rho
     expected, chosen_rewards, rejected_rewards = dpo_loss(policy[:2], policy[2:], reference[:2], reference[2:], 0.1, "sigmoid", 0.0)
     assert torch.equal(losses, expected)
     assert torch.equal(rewards, torch.cat([chosen_rewards, rejected_rewards]))
@@ -72,7 +73,7 @@ def test_metric_sums_group_the_counted_completions_and_correlate():
     rewards, targets = torch.tensor([0.5, -0.5, 0.2, 0.1, 0.3]), torch.tensor([1.0, 0.0, 0.8, 0.3, 1.0])
     s_theta, logps, losses = torch.sigmoid(rewards), torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0]), torch.arange(5.0)
     counted = torch.tensor([True, True, True, True, False])  # the last one wraps around: not counted
-    sums = {k: v.item() for k, v in metric_sums(losses, rewards, s_theta, logps, {"targets": targets}, counted, ("high", "low")).items()}
+    sums = {k: v.item() for k, v in metric_sums(losses, rewards, s_theta, logps, {"s_phi": targets}, counted, ("high", "low")).items()}
     metrics = metric_means(sums, sums.pop("count"))
     assert metrics["loss"] == pytest.approx(1.5)
     assert metrics["rewards/high"] == pytest.approx(0.35) and metrics["rewards/low"] == pytest.approx(-0.2)
@@ -81,10 +82,10 @@ def test_metric_sums_group_the_counted_completions_and_correlate():
     assert metrics["correlation"] == pytest.approx(torch.corrcoef(torch.stack([s_theta[:4], targets[:4]]))[0, 1].item(), abs=1e-6)
     assert "rewards/margins" not in metrics  # pairs only
     # a pair (chosen row, then rejected row): dpo.py's margins and accuracies; no low group: None
-    sums = {k: v.item() for k, v in metric_sums(losses[:1], rewards[:2], s_theta[:2], logps[:2], {"targets": torch.tensor([1.0, 0.0])}, counted[:1], ("chosen", "rejected")).items()}
+    sums = {k: v.item() for k, v in metric_sums(losses[:1], rewards[:2], s_theta[:2], logps[:2], {"s_phi": torch.tensor([1.0, 0.0])}, counted[:1], ("chosen", "rejected")).items()}
     metrics = metric_means(sums, sums.pop("count"))
     assert metrics["rewards/margins"] == pytest.approx(1.0) and metrics["rewards/accuracies"] == 1.0
-    sums = {k: v.item() for k, v in metric_sums(losses[:1], rewards[:1], s_theta[:1], logps[:1], {"targets": torch.tensor([1.0])}, counted[:1], ("high", "low")).items()}
+    sums = {k: v.item() for k, v in metric_sums(losses[:1], rewards[:1], s_theta[:1], logps[:1], {"s_phi": torch.tensor([1.0])}, counted[:1], ("high", "low")).items()}
     metrics = metric_means(sums, sums.pop("count"))
     assert metrics["rewards/low"] is None and metrics["correlation"] is None
 

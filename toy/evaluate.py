@@ -12,9 +12,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from common import build_batch, load_model, print0, sequence_logps, tokenize_examples
+from common import build_batch, generate, load_model, print0, sequence_logps, tokenize_examples
 from toy.task import parse_completion, parse_prompt, reward
-from una_online import generate  # the sampling online UNA trains with
 
 
 def unique_prompts(rows):
@@ -38,8 +37,8 @@ def true_reward(batch_prompts, prompt_ids, completion_ids, completions, ended):
 
 
 @torch.no_grad()
-def sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed,
-                   bf16, score=true_reward):
+def sample_records(policy, reference, tokenizer, prompts, *, samples_per_prompt, max_new_tokens, batch_size, device,
+                   seed, bf16, score=true_reward):
     """Sample `samples_per_prompt` completions per prompt from `policy` and score them.
 
     Returns one record per sample, {"prompt", "completion", "ended", "reward", "kl", "length"},
@@ -75,14 +74,15 @@ def sample_records(policy, reference, tokenizer, prompts, samples_per_prompt, ma
     return gather_lists(records)
 
 
-def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed,
+def sample_eval(policy, reference, tokenizer, prompts, *, samples_per_prompt, max_new_tokens, batch_size, device, seed,
                 bf16):
     """sample_records with the true reward, summarized: the mean reward and its standard error,
     the sampled KL to `reference` (None without one), the fractions of samples that ended with
     EOS and that are grammatical (over-optimized policies drift out of the task's grammar), the
     mean length, and 8 examples."""
-    sampling = (samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16)
-    records = sample_records(policy, reference, tokenizer, prompts, *sampling)
+    sampling = dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    device=device, seed=seed, bf16=bf16)
+    records = sample_records(policy, reference, tokenizer, prompts, **sampling)
     n = len(records)
     rewards = [r["reward"] for r in records]
     mean = sum(rewards) / n
@@ -98,7 +98,7 @@ def sample_eval(policy, reference, tokenizer, prompts, samples_per_prompt, max_n
     }
 
 
-def compare_policies(trained, starting, tokenizer, rows, num_prompts, samples_per_prompt, max_new_tokens, batch_size,
+def compare_policies(trained, starting, tokenizer, rows, *, num_prompts, samples_per_prompt, max_new_tokens, batch_size,
                      seed, device, bf16):
     """The end-of-run evaluation of a training script: the saved trained policy (a folder) and the
     starting policy (its reference), sampled on the first `num_prompts` held-out prompts of `rows`.
@@ -109,8 +109,10 @@ def compare_policies(trained, starting, tokenizer, rows, num_prompts, samples_pe
     if not prompts or not all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
         return {}
     policy, reference = load_model(trained, device).eval(), load_model(starting, device).eval()
-    sample_args = (tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, device, seed, bf16)
-    start, end = sample_eval(reference, None, *sample_args), sample_eval(policy, reference, *sample_args)
+    sampling = dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    device=device, seed=seed, bf16=bf16)
+    start = sample_eval(reference, None, tokenizer, prompts, **sampling)
+    end = sample_eval(policy, reference, tokenizer, prompts, **sampling)
     print0(
         f"true reward on {start['num_samples']} samples of held-out prompts: starting policy {start['reward']:.3f} "
         f"(+-{start['reward_stderr']:.3f}) -> trained policy {end['reward']:.3f} (+-{end['reward_stderr']:.3f}), "
