@@ -279,7 +279,7 @@ def test_evaluate_names_the_file_row_and_tokenizer_of_a_prompt_it_cannot_take(tm
 def test_evaluate_runs_copied_with_the_files_readme_lists(tmp_path):
     project = tmp_path / "project"
     (project / "toy").mkdir(parents=True)
-    for name in ("evaluate.py", "common.py", "una_online.py", "toy/__init__.py", "toy/evaluate.py", "toy/task.py"):
+    for name in ("evaluate.py", "common.py", "toy/__init__.py", "toy/evaluate.py", "toy/task.py"):
         shutil.copy(REPO / name, project / name)
     start = tmp_path / "my_model"
     shutil.copytree(REPO / "toy" / "sft-policy", start)
