@@ -131,3 +131,36 @@ def dpo_baseline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("baseline") / "dpo"
     records, log = run_script("dpo.py", BASELINE + ["--save-every", "2", "--output-dir", str(folder)])
     return records, log, folder
+
+
+def assert_same_updates(a, b, keys=("loss", "grad_norm")):
+    """Per-step values (metrics.jsonl records) of two runs of the same computation that differ only in how sums
+    are split: over processes (all-reduce), over micro-batches (accumulation) or over another reduction order.
+
+    Each sum over the batch's ~250 scored tokens then rounds differently: float32's eps = 1.2e-7 times the
+    square root of the number of terms (rounding errors add like a random walk), ~2e-6 of the value; 1e-5 of
+    the value bounds that with 5x margin, at step 1, where both runs start from the same weights. The updates
+    carry it on: AdamW divides each gradient by its own running size, so a relative rounding r of the
+    gradient changes each update by about r, and a later step's value by about r times how far it moved from
+    step 1; 1e-3 of that movement is ~500 times the rounding. A doubled or halved gradient changes grad_norm by
+    its whole size at step 1; a wrong average or a lost micro-batch, the loss by its whole movement."""
+    for key in keys:
+        x, y = [[r[key] for r in run if "loss" in r] for run in (a, b)]
+        assert len(x) == len(y) >= 2 and x[-1] != x[0], (key, x, y)
+        for u, v in zip(x, y):
+            assert abs(u - v) <= 1e-3 * abs(u - x[0]) + 1e-5 * abs(u), (key, x, y)
+
+
+def assert_same_weights_up_to_rounding(a, b, start):
+    """The final weights of two runs that make the same updates up to rounding (see assert_same_updates), in the
+    folders a and b, trained from the model in folder `start`: their distance is at most 1e-2 of how far the
+    weights moved (L2 norms over all weights). Rounding moves a few weights by up to a whole Adam step (a
+    gradient that rounds to about 0 has an update of either sign), far from all of them; a run that trained on
+    other data, skipped a step or applied another learning rate differs by a large fraction of the movement."""
+    from safetensors.torch import load_file
+
+    a, b, start = (load_file(Path(folder) / "model.safetensors") for folder in (a, b, start))
+    assert a.keys() == b.keys() == start.keys()
+    moved = sum(((a[k] - start[k]) ** 2).sum().item() for k in a) ** 0.5
+    distance = sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
+    assert moved > 0 and distance <= 1e-2 * moved, (distance, moved)
