@@ -124,6 +124,13 @@ def test_score_range_normalizes_and_names_the_bad_row(tmp_path):
         load_feedback("toy/data/binary", "test", "score", None, seed=1)
 
 
+def assert_same_correlation(x, y):
+    """The held-out correlation of s_theta with the targets, in two runs that differ in rounding: s_theta is near
+    1/2 after 4 steps (a spread of ~1e-4), where float32 resolves 6e-8, a relative noise of ~6e-4 per value; their
+    correlation moves by about that much. 1e-2 bounds it; a sign or a pairing error moves it by its whole size."""
+    assert abs(x) > 0.1 and abs(x - y) <= 1e-2, (x, y)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{name: Run} of this file's one-process runs, in one interpreter."""
@@ -192,7 +199,8 @@ def test_two_processes_on_raw_ratings_match_one_process_on_scores(tmp_path, runs
     # sums split over ranks or micro-batches, and the targets (r - 1) / 9 of 1 + 9 s, s to ~1 ulp: assert_same_updates
     assert_same_updates(one, two)
     assert_same_updates(one, runs["accumulated"].records)
-    keys = ("eval/loss", "eval/s_theta/high", "eval/s_theta/low", "eval/rewards/high", "eval/logps/low", "eval/correlation")
+    keys = ("eval/loss", "eval/s_theta/high", "eval/s_theta/low", "eval/rewards/high", "eval/logps/low")
+    assert_same_correlation(one[-1]["eval/correlation"], two[-1]["eval/correlation"])
     for key in keys:  # held-out means at the final weights: the last step's bound, against the loss's movement
         x, y = one[-1][key], two[-1][key]
         assert abs(x - y) <= 1e-3 * abs(one[-2]["loss"] - one[0]["loss"]) * max(1, abs(x)) + 1e-5 * abs(x), (key, x, y)
@@ -204,7 +212,8 @@ def test_precomputed_reference_gives_the_live_reference_losses_on_scores(runs):
     live, pre = runs["live"].records, runs["pre"].records
     # the stored log-probs were computed in other batches (other padding): rounding, as assert_same_updates bounds it
     assert_same_updates(live, pre)
-    keys = ("eval/loss", "eval/s_theta/high", "eval/s_theta/low", "eval/correlation")
+    keys = ("eval/loss", "eval/s_theta/high", "eval/s_theta/low")
+    assert_same_correlation(live[-1]["eval/correlation"], pre[-1]["eval/correlation"])
     for key in keys:
         x, y = live[-1][key], pre[-1][key]
         assert abs(x - y) <= 1e-3 * abs(live[-2]["loss"] - live[0]["loss"]) * max(1, abs(x)) + 1e-5 * abs(x), (key, x, y)
