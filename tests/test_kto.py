@@ -16,7 +16,7 @@ import torch
 
 from common import collate_completions
 from conftest import REPO, assert_same_updates, run_in_one_process, run_script
-from test_resume import assert_same_weights
+from test_resume import assert_saved_model_is_the_last_checkpoint, assert_same_weights
 from kto import kto_loss, mismatched_pairs, reference_point
 
 SHORT = ["--max-steps", "4", "--sample-prompts", "0"]
@@ -251,6 +251,7 @@ def test_tr_kto_resumed_run_equals_uninterrupted_run(runs):
     for key in ("loss", "kl", "ref/param_distance"):
         assert len(after(tr, key)) > 0 and after(resumed, key) == after(tr, key), key  # the restored reference
     assert_same_weights(runs["tr"].folder, runs["tr-resumed"].folder)
+    assert_saved_model_is_the_last_checkpoint(runs["tr"].folder, 4)  # kto.py saves its trained policy
 
 
 @pytest.mark.parametrize("lora", [False, True])

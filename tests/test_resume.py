@@ -21,6 +21,17 @@ def losses_of(records):
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
+def assert_saved_model_is_the_last_checkpoint(folder, step):
+    """The model a run saves at its end is its trained policy: the policy of its last checkpoint (which a resumed run
+    restores and trains on, see the resume tests), bit for bit, and not the one of the checkpoint before."""
+    checkpoints = sorted((folder / "checkpoints").glob("step-*"))
+    assert checkpoints[-1].name == f"step-{step:08d}", checkpoints
+    saved = load_file(folder / "model.safetensors")
+    before, last = (load_file(c / "policy" / "model.safetensors") for c in checkpoints[-2:])
+    assert saved.keys() == last.keys() and all(torch.equal(saved[k], last[k]) for k in saved)
+    assert any(not torch.equal(saved[k], before[k]) for k in saved)
+
+
 def assert_same_weights(a, b):
     a, b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert a.keys() == b.keys()
@@ -73,9 +84,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, request, script, extra, 
     assert len(losses_of(full)) == 4
     assert losses_of(resumed) == losses_of(full)[2:]  # exactly equal floats: the same operations in the same order
     assert_same_weights(*folders)
+    assert_saved_model_is_the_last_checkpoint(folders[0], 4)
     if script == "sft":
         starting = [json.load(open(folder / "eval.json"))["starting_policy"]["reward"] for folder in folders]
         assert starting[0] == starting[1]
+
+
+def test_dpo_saves_its_trained_policy(dpo_baseline):
+    assert_saved_model_is_the_last_checkpoint(dpo_baseline[2], 4)
 
 
 def test_resume_on_two_processes_from_a_one_process_checkpoint(tmp_path, dpo_baseline):
