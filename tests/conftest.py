@@ -166,3 +166,14 @@ def assert_same_weights_up_to_rounding(a, b, start):
     moved = sum(((a[k] - start[k]) ** 2).sum().item() for k in a) ** 0.5
     distance = sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
     assert moved > 0 and distance <= 1e-2 * moved, (distance, moved)
+
+
+EPS32 = 2.0**-23  # float32's machine epsilon, 1.19e-7
+
+
+def by_hand(expected, ops=8):
+    """pytest.approx for a float32 computation against the same formula by hand in float64 (Python floats): each of
+    its at most `ops` operations rounds within eps/2 of its result, and the results are of the size of the values
+    (inputs of order 1), so the two agree within ops * eps of the value, or of 1 for a value near 0 (a difference
+    or a gradient of order-1 inputs). A dropped term, a swapped sign or a factor of 2 is off by far more."""
+    return pytest.approx(expected, rel=ops * EPS32, abs=ops * EPS32)

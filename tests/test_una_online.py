@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common import IGNORE_INDEX, build_batch, sequence_logps
-from conftest import REPO, run_in_one_process, run_script, save_tiny_reward_model
+from conftest import by_hand, REPO, run_in_one_process, run_script, save_tiny_reward_model
 from toy.task import reward
 from una_online import generate, normalize_rewards, una_online_loss
 
@@ -68,7 +68,7 @@ def test_loss_and_generated_token_mask_by_hand():
     assert num_tokens.tolist() == [2, 4, 4]
     log_z = math.log(sum(math.exp(0.1 * v) for v in range(V)))
     expected_rho = [sum(-math.log(V) - (0.1 * t - log_z) for t in c) for c in completions]
-    assert policy_logps.tolist() == pytest.approx([-n * math.log(V) for n in (2, 4, 4)], abs=1e-4)
+    assert policy_logps.tolist() == by_hand([-n * math.log(V) for n in (2, 4, 4)])
 
     # built-in reward (already in [0, 1]); the sample without EOS scored 0
     scores, ended = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([True, False, True])
@@ -77,10 +77,10 @@ def test_loss_and_generated_token_mask_by_hand():
     beta = 0.5
     losses, implicit_scores, logratios = una_online_loss(policy_logps, reference_logps, rewards, beta)
     sigmoid = lambda z: 1 / (1 + math.exp(-z))
-    assert logratios.tolist() == pytest.approx(expected_rho, abs=1e-4)
-    assert implicit_scores.tolist() == pytest.approx([sigmoid(beta * r) for r in expected_rho], abs=1e-5)
+    assert logratios.tolist() == by_hand(expected_rho)
+    assert implicit_scores.tolist() == by_hand([sigmoid(beta * r) for r in expected_rho])
     expected_losses = [(sigmoid(beta * r) - s) ** 2 for r, s in zip(expected_rho, [1.0, 0.0, 0.5])]
-    assert losses.tolist() == pytest.approx(expected_losses, abs=1e-5)
+    assert losses.tolist() == by_hand(expected_losses)
 
     # the gradient reaches the policy's log-probs only
     policy_logps = policy_logps.detach().clone().requires_grad_(True)
@@ -88,7 +88,7 @@ def test_loss_and_generated_token_mask_by_hand():
     s = [sigmoid(beta * r) for r in expected_rho]
     # d/d logp of (sigmoid(beta rho) - s_phi)^2 = 2 (s_theta - s_phi) s_theta (1 - s_theta) beta
     expected_grad = [2 * (q - p) * q * (1 - q) * beta for q, p in zip(s, [1.0, 0.0, 0.5])]
-    assert policy_logps.grad.tolist() == pytest.approx(expected_grad, abs=1e-5)
+    assert policy_logps.grad.tolist() == by_hand(expected_grad)
 
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_REWARD_FNS)
@@ -100,13 +100,13 @@ def test_normalization_sigmoid_range_and_missing_eos_penalty(script):
     sigmoid = lambda z: 1 / (1 + math.exp(-z))
     # the paper: sigmoid of the raw score; the authors' code: 1.0 off the score of a sample without EOS
     expected = [sigmoid(2), sigmoid(1), sigmoid(-1), sigmoid(7)]
-    assert normalize_rewards(scores, ended, None, 1.0).tolist() == pytest.approx(expected, abs=1e-6)
+    assert normalize_rewards(scores, ended, None, 1.0).tolist() == by_hand(expected)
     no_penalty = normalize_rewards(scores, ended, None, 0.0).tolist()
-    assert no_penalty == pytest.approx([sigmoid(2), sigmoid(2)] + expected[2:], abs=1e-6)
+    assert no_penalty == by_hand([sigmoid(2), sigmoid(2)] + expected[2:])
     # min-max to [0, 1], clipped
-    assert normalize_rewards(scores, ended, (-2.0, 6.0), 0.0).tolist() == pytest.approx([0.5, 0.5, 0.125, 1.0])
+    assert normalize_rewards(scores, ended, (-2.0, 6.0), 0.0).tolist() == by_hand([0.5, 0.5, 0.125, 1.0])
     # the penalty comes before the range: 2 - 4 = -2 is the low end
-    assert normalize_rewards(scores, ended, (-2.0, 6.0), 4.0).tolist() == pytest.approx([0.5, 0.0, 0.125, 1.0])
+    assert normalize_rewards(scores, ended, (-2.0, 6.0), 4.0).tolist() == by_hand([0.5, 0.0, 0.125, 1.0])
 
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_REWARD_FNS)
@@ -182,7 +182,7 @@ def test_short_run_with_a_reward_function_from_a_file(runs):
     assert first["reward/mean"] > 3 and first["reward/mean"] <= first["completion_length"]  # words, EOS not one
     # s_phi = reward / 40 of each sample (none above 40: no clipping), so their means: a float32 mean of 8 values of
     # size <= 1, rounded within eps sqrt(8) ~ 4e-7 of 1; 1e-6 bounds it
-    assert first["s_phi"] == pytest.approx(first["reward/mean"] / 40, abs=1e-6)
+    assert first["s_phi"] == by_hand(first["reward/mean"] / 40)
 
 
 def test_sampled_completions_are_cut_after_eos_and_only_they_are_scored(tiny):
@@ -209,11 +209,11 @@ def test_short_run_with_the_builtin_reward(runs):
     # the policy starts equal to the reference: rho = 0, s_theta = 1/2, and the built-in reward is s_phi itself
     # (the same float32 operations for policy and reference: rho = 0 exactly)
     assert first["kl"] == 0.0 and first["s_theta"] == 0.5
-    assert first["s_phi"] == pytest.approx(first["reward/mean"], abs=1e-6)  # means of the same 8 values in [0, 1]: 1e-6 > eps sqrt(8)
+    assert first["s_phi"] == by_hand(first["reward/mean"])  # means of the same 8 values in [0, 1]: 1e-6 > eps sqrt(8)
     mean_square = first["reward/std"] ** 2 + first["reward/mean"] ** 2
     # mean (1/2 - s_phi)^2 = 1/4 - mean s_phi + mean s_phi^2, from float32 sums of 8 values <= 1 (eps sqrt(8) each);
     # std^2 + mean^2 gives back the mean square to that rounding, times a few terms: 1e-5
-    assert first["loss"] == pytest.approx(0.25 - first["reward/mean"] + mean_square, abs=1e-5)
+    assert first["loss"] == by_hand(0.25 - first["reward/mean"] + mean_square)
     # the second update trains on the same samples without generating again
     assert second["reward/mean"] == first["reward/mean"] and second["time/generate"] == 0 and first["time/generate"] > 0
     assert second["s_theta"] != first["s_theta"]
@@ -226,7 +226,7 @@ def test_short_run_with_the_builtin_reward(runs):
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert [s["step"] for s in samples if "policy" not in s] == [1] * 8 + [2] * 8 + [4] * 8
     assert {s["policy"] for s in samples if "policy" in s} == {"starting", "trained"}
-    assert all(s["reward"] == pytest.approx(reward(s["prompt"], s["completion"])) for s in samples if s["ended"])
+    assert all(s["reward"] == reward(s["prompt"], s["completion"]) for s in samples if s["ended"])  # the same function
 
 
 def test_short_run_with_a_reward_model_on_the_prompts_of_a_pairwise_dataset(runs):
@@ -241,7 +241,7 @@ def test_short_run_with_a_reward_model_on_the_prompts_of_a_pairwise_dataset(runs
         mine = [s for s in samples if s["step"] == r["step"] and "policy" not in s]
         assert len(mine) == 8
         expected = sum(1 / (1 + math.exp(-(s["reward"] - (0.0 if s["ended"] else 1.0)))) for s in mine) / 8
-        assert r["s_phi"] == pytest.approx(expected, abs=1e-6), (r, mine)
+        assert r["s_phi"] == by_hand(expected), (r, mine)
         assert r["reward/mean"] == pytest.approx(sum(s["reward"] for s in mine) / 8, abs=1e-6 * max(1, abs(r["reward/mean"])))
     assert records[0]["s_phi"] != pytest.approx(records[0]["reward/mean"], abs=1e-3)
 
