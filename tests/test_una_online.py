@@ -168,7 +168,8 @@ def runs(tmp_path_factory):
         "builtin": ("una_online.py", ["--max-steps", "4", "--updates-per-batch", "2", "--per-device-batch-size", "8", "--log-samples-every", "2",
                                       "--eval-every", "2", "--sample-prompts", "2", "--samples-per-prompt", "2"]),
         "rm": ("una_online.py", ["--reward-model", str(root / "rm"), "--dataset", "toy/data/pairwise", "--missing-eos-penalty", "1.0",
-                                 "--max-steps", "2", "--per-device-batch-size", "8", "--eval-split", "", "--log-samples-every", "1"]),
+                                 "--max-steps", "2", "--per-device-batch-size", "8", "--eval-split", "", "--log-samples-every", "1",
+                                 "--max-new-tokens", "7"]),  # some samples end within 7 tokens, some do not: the penalty applies
         "outside": ("una_online.py", ["--dataset", str(prompts)]),
         "greedy": ("una_online.py", GREEDY + ["--reward-fn", f"{root / 'chars.py'}:count", "--per-device-batch-size", "8"]),
     }, root)  # fmt: skip
@@ -237,6 +238,7 @@ def test_short_run_with_a_reward_model_on_the_prompts_of_a_pairwise_dataset(runs
     # s_phi = sigmoid(score - 1.0 * (no EOS)) of each sample (a random model's scores are not in [0, 1]), recomputed
     # from samples.jsonl (every sample's score and whether it ended); float32 sigmoids and a mean of 8: 1e-6
     samples = [json.loads(line) for line in open(runs["rm"].folder / "samples.jsonl")]
+    assert any(s["ended"] for s in samples) and not all(s["ended"] for s in samples)
     for r in records:
         mine = [s for s in samples if s["step"] == r["step"] and "policy" not in s]
         assert len(mine) == 8
