@@ -462,5 +462,6 @@ if __name__ == "__main__":
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
     metrics_log.finish(results)  # the final line: the last training loss and the held-out metrics; closes the tracker
-    if dist.is_initialized():
+    if dist.is_initialized():  # gloo frees a collective's tensors on its own thread, which needs Python alive:
+        dist.barrier()  # no rank exits right after one (that thread then aborts the process at exit)
         dist.destroy_process_group()
