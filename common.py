@@ -399,7 +399,9 @@ def load_model(name, device, dropout=False):
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
+            with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing: not ours to fix
+                warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+                model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -555,6 +557,9 @@ def validate_rows(rows, kind, source):
     if missing:
         renames = _guess_renames(missing, [c for c in rows[0] if c not in fields])
         fix = "Rename or add the column(s)."
+        other = [k for k in ("pairwise", "binary", "score") if set(ROW_FIELDS[k]) <= set(rows[0])]
+        if other:  # the right data for another kind of feedback
+            fix = f"Its columns are a {other[0]} dataset's (una_offline.py reads one with --feedback {other[0]})."
         if renames:
             guesses = ", ".join(f"{old!r} -> {new!r}" for old, new in renames.items())
             fix = f"Did you mean {guesses}? Rename the column(s) (datasets: dataset.rename_columns({renames}))."
@@ -566,7 +571,10 @@ def validate_rows(rows, kind, source):
         for field in fields:
             value = row[field]
             if value is None:  # a null, or a key that this row lacks and others have
-                raise DataError(f"{source}, row {i}: field {field!r} is missing or null")
+                neighbours = (rows[i - 1], rows[(i + 1) % len(rows)])  # a key only this row fills: a misspelled one?
+                extra = [k for k in row if k not in fields and row[k] is not None and all(r.get(k) is None for r in neighbours)]
+                raise DataError(f"{source}, row {i}: field {field!r} is missing or null"
+                                + (f"; the row has {', '.join(map(repr, extra))} (a typo?)" if extra else ""))
             if field in TEXT_FIELDS:
                 if not ((isinstance(value, str) and value.strip()) or _is_messages(value)):
                     raise DataError(
@@ -657,10 +665,9 @@ class TruncationStats:
 
     def summary(self, max_length, max_prompt_length):
         """One line for the log; a warning when most rows were cut (a limit meant for other data)."""
-        text = (
-            f"{self.rows} rows: {self.prompts_truncated} prompts cut to their last {max_prompt_length} tokens, "
-            f"{self.completions_truncated} completions cut to fit --max-length {max_length}"
-        )
+        text = f"{self.rows} rows: {self.prompts_truncated} prompts cut to their last {max_prompt_length} tokens"
+        if self.completions:  # prompts alone (the online scripts) have no completion to cut
+            text += f", {self.completions_truncated} completions cut to fit --max-length {max_length}"
         if self.prompts_truncated > self.rows / 2:
             text += f"; warning: most prompts were cut, consider a larger --max-prompt-length than {max_prompt_length}"
         if self.completions_truncated > self.completions / 2:
@@ -798,8 +805,9 @@ class MetricsLog:
         nested = {f"{k}/{n}": v for k, d in results.items() if isinstance(d, dict) for n, v in d.items()}
         numbers = {k: v for k, v in {**results, **nested}.items() if isinstance(v, (int, float))}
         held_out = ", ".join(f"{k[5:]} {v:.4f}" for k, v in numbers.items() if k.startswith("eval/"))
-        print(f"{self.script} done: {self.step} steps in {results['train_seconds']:.0f} s; last training loss "
-              f"{self.last.get('loss', math.nan):.4f}" + (f"; held-out {held_out}" if held_out else ""), flush=True)
+        trained = f"last training loss {self.last['loss']:.4g}" if "loss" in self.last else "no step left to train"
+        print(f"{self.script} done: {self.step} steps in {results['train_seconds']:.1f} s; {trained}"
+              + (f"; held-out {held_out}" if held_out else ""), flush=True)
         if self.tracker is not None:
             self.tracker.log({f"final/{k}": v for k, v in numbers.items()}, step=self.step)
             self.tracker.finish()

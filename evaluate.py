@@ -132,6 +132,9 @@ def starting_model(checkpoint):
     for folder in folders:
         if (folder / "args.json").is_file():
             name = json.load(open(folder / "args.json")).get("model_name")
+            if name and name.startswith(("./", "../")) and not Path(name).exists():  # relative to where it ran
+                raise SystemExit(f"{folder / 'args.json'} names the starting model {name!r}, a path relative to the "
+                                 "folder the run started in: run evaluate.py from there, or name it with --reference")
             return None if name == "scratch" else name
     return None
 

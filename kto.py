@@ -499,7 +499,8 @@ if __name__ == "__main__":
     if args.lora_merge and master_process:  # the base model with the adapter merged in (load_model merges it)
         load_model(args.output_dir, "cpu").save_pretrained(os.path.join(args.output_dir, "merged"))
         tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
-    print0(f"saved the trained policy{' (its LoRA adapter)' if args.lora_r else ''} to {args.output_dir}")
+    merged = f", and merged into the base model in {os.path.join(args.output_dir, 'merged')}" if args.lora_merge else ""
+    print0(f"saved the trained policy{' (its LoRA adapter)' if args.lora_r else ''} to {args.output_dir}{merged}")
 
     # ------------------------------------------------------------------ built-in task: sampled true reward and KL
     if args.dataset.startswith("toy/") and args.sample_prompts > 0:  # toy/ is this repository's task, not a dependency

@@ -294,3 +294,15 @@ def test_evaluate_runs_copied_with_the_files_readme_lists(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.load(open(project / "runs" / "evaluate.json"))
     assert results["reference"]["model"] == str(start) and results["checkpoints"][0]["kl"] == 0.0
+
+
+def test_evaluate_names_the_args_json_whose_relative_starting_model_is_not_found_from_here(tmp_path):
+    import evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"model_name": "../a-model-beside-the-run"}))  # relative to where it ran
+    with pytest.raises(SystemExit) as e:
+        evaluate.starting_model(str(run))
+    assert f"{run / 'args.json'} names the starting model '../a-model-beside-the-run'" in str(e.value)
+    assert "--reference" in str(e.value) and "\n" not in str(e.value)

@@ -22,6 +22,28 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+@pytest.mark.parametrize("kind, row, other", [
+    ("score", {"prompt": "p", "chosen": "a", "rejected": "b"}, "pairwise"),
+    ("score", {"prompt": "p", "completion": "c", "label": True}, "binary"),
+    ("binary", {"prompt": "p", "completion": "c", "score": 0.5}, "score"),
+])  # fmt: skip
+def test_the_columns_of_another_kind_of_feedback_say_which(tmp_path, kind, row, other):
+    path = write_jsonl(tmp_path / "toy.jsonl", [row])
+    with pytest.raises(DataError) as e:
+        load_rows(path, "train", kind)
+    assert str(e.value).endswith(f"Its columns are a {other} dataset's (una_offline.py reads one with --feedback {other}).")
+
+
+def test_a_key_misspelled_in_one_row_is_named(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b", "id": i} for i in range(6)]
+    rows[3] = {"prompt": "p3", "chosen": "a", "rejeted": "b", "id": 3}
+    path = write_jsonl(tmp_path / "toy.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_rows(path, "train", "pairwise")
+    # 'id' is filled in every row: not a suspect
+    assert str(e.value) == f"{path} [train], row 3: field 'rejected' is missing or null; the row has 'rejeted' (a typo?)"
+
+
 @pytest.mark.parametrize(
     "kind, row, guess",
     [
