@@ -60,3 +60,21 @@ def test_script_copied_with_common_alone_runs_and_saves(tmp_path, script):
     results = json.load(open(out / "eval.json"))
     assert "trained_policy" not in results  # the built-in task's sampling did not run on other data
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")][:2] == [1, 2]
+
+
+def test_dpo_copied_with_common_and_toy_runs_the_builtin_evaluation(tmp_path):
+    # the built-in task kept: dpo.py, common.py and toy/ alone (toy/evaluate.py samples with common.py, imports no script)
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("dpo.py", "common.py"):
+        shutil.copy(REPO / name, project / name)
+    shutil.copytree(REPO / "toy", project / "toy", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, "dpo.py", "--max-steps", "2", "--per-device-batch-size", "4", "--sample-prompts", "2",
+           "--samples-per-prompt", "2", "--output-dir", "out"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "true reward on 4 samples of held-out prompts: starting policy" in proc.stdout
+    results = json.load(open(project / "out" / "eval.json"))
+    assert results["trained_policy"]["num_samples"] == 4 and results["starting_policy"]["num_samples"] == 4
