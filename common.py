@@ -972,7 +972,8 @@ def resume_optimizer_args(optimizer, scheduler, args):
 def load_checkpoint(path, models, optimizer, scheduler, args, global_batch_size):
     """Restore save_checkpoint's state into the models (built as for a fresh run), the optimizer,
     the scheduler and this rank's RNG states from `path`: a checkpoint, or a run folder (its latest
-    complete one). Refuses a run whose data order would differ. Returns (step, extra)."""
+    complete one). Refuses in one line a run whose data order or weights' settings would differ; applies this
+    run's optimizer settings (resume_optimizer_args) and lists every changed argument. Returns (step, extra)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 

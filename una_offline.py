@@ -70,10 +70,10 @@ from common import (
     save_checkpoint,
     save_model,
     sequence_logps,
-    unpair_rows,
     setup_distributed,
     tokenize_examples,
     training_batches,
+    unpair_rows,
 )
 
 
