@@ -334,9 +334,10 @@ def load_reward_fn(spec):
         if not os.path.isdir(folder or "."):
             raise SystemExit(f"--reward-fn {spec!r}: no such folder {folder!r} (from {os.getcwd()})")
         files = {f[:-3]: f for f in sorted(os.listdir(folder or ".")) if f.endswith(".py")}  # by name, less .py
+        listed = ", ".join(list(files.values())[:8]) or "none"
         close = [repr(f"{os.path.join(folder, files[f])}:{function_name}")
                  for f in difflib.get_close_matches(base[:-3], files, n=2)]  # fmt: skip
-        hint = f"did you mean {' or '.join(close)}?" if close else f"its .py files: {', '.join(list(files.values())[:8]) or 'none'}"
+        hint = f"did you mean {' or '.join(close)}?" if close else f"its .py files: {listed}"
         raise SystemExit(f"--reward-fn {spec!r}: no file {base!r} in {os.path.abspath(folder or '.')}; {hint}")
     try:
         if module_name.endswith(".py"):

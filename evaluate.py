@@ -69,7 +69,7 @@ class Args:
     reward_model: str = ""
     """hub id or local path of a one-output sequence-classification reward model ('': the built-in task's reward)"""
     reward_fn: str = ""
-    """module:function or file.py:function, f(prompts, completions) -> floats, instead of a --reward-model"""
+    """module:function or file.py:function, f(prompts, completions) -> floats, any scale, instead of a --reward-model"""
 
     # --- sampling ---
     sample_prompts: int = 24

@@ -49,7 +49,8 @@ def test_a_functions_scores_are_s_phi_as_they_are_less_the_missing_eos_penalty_c
 
 
 def test_a_score_outside_0_1_stops_naming_the_function_row_and_reward_range(tmp_path, tokenizer):
-    path = write(tmp_path, "words.py", "def count(prompts, completions):\n    return [len(c.split()) / 2 for c in completions]\n")
+    path = write(tmp_path, "words.py", "def count(prompts, completions):\n"
+                                       "    return [len(c.split()) / 2 for c in completions]\n")  # fmt: skip
     samples = batch(tokenizer, [PROMPT] * 3, ["great", "the pizza .", "bad ."])  # 0.5 words / 2, 1.5, 1.0
     with pytest.raises(SystemExit) as error:
         Scorer(tokenizer, CPU, reward_fn=f"{path}:count")(*samples, [True] * 3)
@@ -68,12 +69,16 @@ def test_a_score_outside_0_1_stops_naming_the_function_row_and_reward_range(tmp_
     assert Scorer(tokenizer, CPU, reward_fn=f"{path}:count").scores(*samples).tolist() == [0.5, 1.5, 1.0]
 
 
-def test_a_reward_models_output_goes_through_a_sigmoid(tmp_path, tokenizer):
+def test_a_reward_models_output_goes_through_a_sigmoid(tmp_path, tokenizer, capsys, monkeypatch):
     save_tiny_reward_model(tmp_path / "rm")
+    monkeypatch.delenv("RANK", raising=False)
     scorer = Scorer(tokenizer, CPU, reward_model=str(tmp_path / "rm"), missing_eos_penalty=1.0)
     scores, s_phi = scorer(*batch(tokenizer, [PROMPT] * 2, ["the pizza was great .", "bad ."]), [True, False])
     sigmoid = lambda z: 1 / (1 + math.exp(-z))
     assert s_phi.tolist() == by_hand([sigmoid(scores[0].item()), sigmoid(scores[1].item() - 1.0)])
+    # its first call shows the text it scored (no chat template: prompt and completion as the policy saw them)
+    assert capsys.readouterr().out.endswith(f"reward model {tmp_path / 'rm'}, first call: scored texts[0] = "
+                                            f"'{PROMPT} the pizza was great .' -> {round(scores[0].item(), 6)}\n")
 
 
 def test_a_causal_lm_or_a_classifier_of_two_labels_is_refused_before_its_weights_load(tmp_path, tokenizer, monkeypatch):
@@ -107,8 +112,9 @@ def test_the_first_call_prints_one_row_as_the_function_received_it_and_its_score
         scorer(*samples, [True, True])  # once per Scorer
         received = scorer.reward_fn.__globals__["received"]
         prompt, completion = received[-1]
-        assert capsys.readouterr().out == (f"reward function {path}:score, first call: score(prompts, completions) got "
-                                           f"prompts[0] = {prompt!r} and completions[0] = {completion!r}{note} -> 0.25\n")
+        assert capsys.readouterr().out == (f"reward function {path}:score, first call: score(prompts, completions) "
+                                           f"got prompts[0] = {prompt!r} and completions[0] = {completion!r}{note} "
+                                           "-> 0.25\n")
     assert completion == [{"role": "assistant", "content": "the pizza was great ."}]  # TRL's convention
     # long prompts are cut: the line stays one short line, with the start and the end of each text
     scorer = Scorer(tokenizer, CPU, reward_fn=f"{path}:score")
@@ -160,7 +166,8 @@ def test_a_reward_fn_that_cannot_be_imported_names_the_spec_and_a_close_name(tmp
         ("x.py:f", f"--reward-fn 'x.py:f': no file 'x.py' in {tmp_path}; its .py files: h3_rewards.py"),
         ("h3_reward:score", "--reward-fn 'h3_reward:score': no module named 'h3_reward'; did you mean "
                             "'h3_rewards:score'? Else run from the folder that holds it"),
-        ("toy.tsk:rewards", "--reward-fn 'toy.tsk:rewards': no module named 'toy.tsk'; did you mean 'toy.task:rewards'?"),
+        ("toy.tsk:rewards", "--reward-fn 'toy.tsk:rewards': no module named 'toy.tsk'; did you mean "
+                            "'toy.task:rewards'?"),
         ("h3_rewards.py:scor", "--reward-fn 'h3_rewards.py:scor': 'h3_rewards.py' has no function 'scor'; did you mean "
                                "'h3_rewards.py:score'?"),
         ("h3_rewards:nothing_close", "--reward-fn 'h3_rewards:nothing_close': 'h3_rewards' has no function "
@@ -168,7 +175,8 @@ def test_a_reward_fn_that_cannot_be_imported_names_the_spec_and_a_close_name(tmp
         ("h3_rewards:math", "--reward-fn 'h3_rewards:math': 'h3_rewards' has no function 'math' (math there is a "
                             "module); its functions: score, other"),
         ("h3_rewards", "--reward-fn 'h3_rewards': give module:function"),
-        ("./h3_rewards:score", "--reward-fn './h3_rewards:score': a file is named with its .py, as in ./h3_rewards.py:score"),
+        ("./h3_rewards:score", "--reward-fn './h3_rewards:score': a file is named with its .py, as in "
+                               "./h3_rewards.py:score"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit) as error:
             load_reward_fn(spec)
