@@ -365,7 +365,8 @@ def load_reward_fn(spec):
         close = [repr(f"{module_name}:{c}") for c in difflib.get_close_matches(function_name, functions, n=2)]
         own = [n for n in functions if getattr(vars(module)[n], "__module__", None) == module.__name__]
         hint = f"did you mean {' or '.join(close)}?" if close else f"its functions: {', '.join(own[:8]) or 'none'}"
-        what = "" if reward_fn is None else f" ({function_name} there is a {type(reward_fn).__name__})"
+        kind = type(reward_fn).__name__
+        what = "" if reward_fn is None else f" ({function_name} there is a{'n' * (kind[0] in 'aeiou')} {kind})"
         raise SystemExit(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}{what}; {hint}")
     return reward_fn
 
