@@ -186,11 +186,13 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, device, temperature=1
 class Scorer:
     """The explicit reward, built once from the arguments; `scorer(prompts, prompt_ids, completion_ids, ended)`
     returns (scores, s_phi), each (B,) on `device`: the raw score of each sample, by reward_fn ("module:function"
-    or "path/file.py:function", f(prompts, completions) -> numbers, a completion as text or, for a list of
-    messages, [{"role": "assistant", "content": text}]) or reward_model (a one-output sequence classifier), and
-    s_phi in [0, 1]: the score less missing_eos_penalty where a sample did not end, min-maxed from reward_range,
-    clipped, or with no range sigmoid(score) (the UNA authors' code, una_peft.py; the paper says "normalized").
-    Neither reward_fn nor reward_model: the built-in task's toy.task:rewards, in [0, 1] (range 0 1)."""
+    or "path/file.py:function", f(prompts, completions) -> numbers: the prompts as the dataset gives them, each
+    completion as text or, for a prompt that is a list of messages, [{"role": "assistant", "content": text}]) or
+    reward_model (a one-output sequence classifier), and s_phi in [0, 1]: the score less missing_eos_penalty where
+    a sample did not end, then min-maxed from reward_range and clipped; with no range, a function's score as it is,
+    clipped (its scores must lie in [0, 1], else the run stops naming --reward-range), a model's sigmoid(score) (the
+    UNA authors' code, una_peft.py; the paper says "normalized"). Neither: the built-in task's toy.task:rewards.
+    The first call prints (rank 0) one sample as the function or model received it and its score."""
 
     def __init__(self, tokenizer, device, reward_fn="", reward_model="", reward_range=None, missing_eos_penalty=0.0,
                  bf16=False):
@@ -200,29 +202,57 @@ class Scorer:
             raise SystemExit(f"--reward-range LOW HIGH needs LOW < HIGH, got {reward_range}")
         self.tokenizer, self.device, self.missing_eos_penalty = tokenizer, device, missing_eos_penalty
         self.spec = reward_fn or ("" if reward_model else "toy.task:rewards")  # toy/ is imported only when named
-        self.reward_range = reward_range or ((0.0, 1.0) if self.spec == "toy.task:rewards" else None)  # or sigmoid
+        self.name = f"reward model {reward_model}" if reward_model else f"reward function {self.spec}"
+        self.in_unit_interval = reward_range is None and not reward_model  # a function's scores are s_phi as they are
+        self.reward_range = reward_range or (None if reward_model else (0.0, 1.0))  # None: sigmoid
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.reward_model, self.reward_tokenizer, self.reward_fn = None, None, None
         if reward_model:
             self.reward_model, self.reward_tokenizer = load_reward_model(reward_model, device)
         else:
             self.reward_fn = load_reward_fn(self.spec)
+        self.first_call = True
 
     def __call__(self, prompts, prompt_ids, completion_ids, ended):
+        scores = self.scores(prompts, prompt_ids, completion_ids)  # (B,)
+        if self.in_unit_interval and ((scores < 0) | (scores > 1)).any():
+            i = ((scores < 0) | (scores > 1)).nonzero()[0].item()
+            raise SystemExit(f"--reward-fn {self.spec}: returned {scores[i].item():g} for row {i} of the batch "
+                             f"{row_repr(prompts[i], reward_fn_completions(prompts, self.texts(completion_ids))[i])}, "
+                             "outside [0, 1]: with no --reward-range a function's scores are used as they are and "
+                             "must lie in [0, 1] (a checker's 0/1, a probability); give --reward-range LOW HIGH, "
+                             "the lowest and highest scores it returns, to min-max them into [0, 1]")
+        scores, ended = scores.to(self.device), torch.as_tensor(ended, device=self.device)  # (B,), (B,)
+        return scores, normalize_rewards(scores, ended, self.reward_range, self.missing_eos_penalty)
+
+    def scores(self, prompts, prompt_ids, completion_ids):
+        """The raw scores (B,), before any normalization (evaluate.py reports them as they are)."""
         if self.reward_model is not None:
             texts = reward_model_texts(self.tokenizer, self.reward_tokenizer, prompts, prompt_ids, completion_ids)
             with self.autocast:
                 scores = reward_model_scores(self.reward_model, self.reward_tokenizer, texts)  # (B,)
-        else:  # a Python function of the prompts and the completions' text
-            completions = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-            scores = reward_fn_scores(self.reward_fn, self.spec, prompts, completions)  # (B,)
-        scores, ended = scores.to(self.device), torch.as_tensor(ended, device=self.device)  # (B,), (B,)
-        return scores, normalize_rewards(scores, ended, self.reward_range, self.missing_eos_penalty)
+            received = f"scored texts[0] = {short_repr(texts[0], 200)}"
+        else:  # a Python function of the prompts and the completions (text, or an assistant message)
+            texts = self.texts(completion_ids)
+            scores = reward_fn_scores(self.reward_fn, self.spec, prompts, texts)  # (B,)
+            completions = reward_fn_completions(prompts, texts)  # as the function received them
+            received = (f"{self.spec.rpartition(':')[2]}(prompts, completions) got prompts[0] = "
+                        f"{short_repr(prompts[0])} and completions[0] = {short_repr(completions[0])}")
+            if isinstance(completions[0], list):
+                received += " (a list of messages: its text is completions[i][0]['content'])"
+        if self.first_call:  # what the reward received: a function written for strings that gets messages shows here
+            print0(f"{self.name}, first call: {received} -> {round(scores[0].item(), 6)}")
+            self.first_call = False
+        return scores
+
+    def texts(self, completion_ids):
+        """The completions' text, without special tokens."""
+        return [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
 
 
 def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
     """Raw scores (B,) -> s_phi (B,) in [0, 1]: subtract the missing-EOS penalty where a sample did not
-    end, then sigmoid (reward_range None) or min-max to the range, clipped."""
+    end, then min-max to reward_range, clipped, or with reward_range None sigmoid (a reward model's logit)."""
     scores = scores - missing_eos_penalty * (~ended).float()  # (B,)
     if reward_range is None:
         return torch.sigmoid(scores)
@@ -230,17 +260,38 @@ def normalize_rewards(scores, ended, reward_range, missing_eos_penalty):
     return ((scores - low) / (high - low)).clamp(0.0, 1.0)
 
 
+def short_repr(x, width=60):
+    """repr(x), each string in it cut to about `width` characters (its start ... its end): one line to show a row."""
+    if isinstance(x, str):
+        return repr(x if len(x) <= width else f"{x[: width - width // 3]} ... {x[-(width // 3) :]}")
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {short_repr(v, width)}" for k, v in x.items()) + "}"
+    if isinstance(x, (list, tuple)):
+        items = [short_repr(v, width) for v in x[:4]] + ([f"... {len(x) - 4} more"] if len(x) > 4 else [])
+        return ("[{}]" if isinstance(x, list) else "({})").format(", ".join(items))
+    return repr(x)
+
+
 def load_reward_model(name, device):
     """A sequence-classification reward model with one output, frozen in fp32, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    try:
+    try:  # the config first: a causal LM or a classifier of several labels is refused before its weights load
+        config = AutoConfig.from_pretrained(name)
+        architectures = config.architectures or []
+        if architectures and not any("SequenceClassification" in a for a in architectures):
+            raise SystemExit(f"--reward-model {name!r} is a {', '.join(architectures)}, not a sequence classifier: a "
+                             "reward model is a sequence classifier with one output (num_labels 1, as "
+                             "AutoModelForSequenceClassification saves a trained reward model); a causal LM "
+                             "(a policy, an SFT model) gives no score. To score with a program, give --reward-fn "
+                             "module:function")
+        if config.num_labels != 1:
+            raise SystemExit(f"--reward-model {name!r} has {config.num_labels} outputs (num_labels in its "
+                             "config.json); a reward model has 1")
         reward_model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
         reward_tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise SystemExit(f"could not load --reward-model {name!r}: {e}")
-    if reward_model.config.num_labels != 1:
-        raise SystemExit(f"--reward-model {name!r} has {reward_model.config.num_labels} outputs; a reward model has 1")
     if reward_tokenizer.pad_token is None:
         if reward_tokenizer.eos_token is None:
             raise SystemExit(f"the tokenizer of --reward-model {name!r} has neither a pad nor an EOS token to pad with")
@@ -265,11 +316,29 @@ def reward_model_texts(tokenizer, reward_tokenizer, prompts, prompt_ids, complet
 
 
 def load_reward_fn(spec):
-    """The function that --reward-fn names: "module:function" (a module importable from the current
-    folder or the path) or "path/to/file.py:function"."""
+    """The function that --reward-fn names: "module:function" (a module importable from the current folder or
+    the path) or "path/to/file.py:function". One that cannot be imported stops the run, with a close name to try
+    (a file in that folder, a module, a function of the module) or the traceback of the module's own error."""
+    import difflib
+    import pkgutil
+
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
         raise SystemExit(f"--reward-fn {spec!r}: give module:function, e.g. toy.task:rewards or my_rewards.py:score")
+    if os.getcwd() not in sys.path:  # `python path/to/una_online.py` puts the script's folder on the path, not ours
+        sys.path.append(os.getcwd())
+    if ("/" in module_name or os.sep in module_name) and not module_name.endswith(".py"):
+        raise SystemExit(f"--reward-fn {spec!r}: a file is named with its .py, as in {module_name}.py:{function_name}")
+    if module_name.endswith(".py") and not os.path.isfile(module_name):
+        folder, base = os.path.split(module_name)
+        if not os.path.isdir(folder or "."):
+            raise SystemExit(f"--reward-fn {spec!r}: no such folder {folder!r} (from {os.getcwd()})")
+        files = {f[:-3]: f for f in sorted(os.listdir(folder or ".")) if f.endswith(".py")}  # by name, less .py
+        listed = ", ".join(list(files.values())[:8]) or "none"
+        close = [repr(f"{os.path.join(folder, files[f])}:{function_name}")
+                 for f in difflib.get_close_matches(base[:-3], files, n=2)]  # fmt: skip
+        hint = f"did you mean {' or '.join(close)}?" if close else f"its .py files: {listed}"
+        raise SystemExit(f"--reward-fn {spec!r}: no file {base!r} in {os.path.abspath(folder or '.')}; {hint}")
     try:
         if module_name.endswith(".py"):
             found = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
@@ -277,33 +346,71 @@ def load_reward_fn(spec):
             found.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except (ImportError, OSError) as e:
-        raise SystemExit(f"--reward-fn {spec!r}: could not import {module_name!r} ({e}); run from the folder that "
-                         "holds it, add it to PYTHONPATH, or give the path of the .py file")
+    except Exception as e:  # noqa: BLE001 (the module is missing, or running it failed: a SyntaxError, an import)
+        missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+        if not module_name.endswith(".py") and missing and f"{module_name}.".startswith(f"{missing}."):
+            parent = missing.rpartition(".")[0]  # the package that holds it, imported (else it was the missing one)
+            where = [importlib.import_module(parent).__path__] if parent else [[os.getcwd()], None]  # here, then all
+            names = [[f"{parent}.{m.name}" if parent else m.name for m in pkgutil.iter_modules(w)] for w in where]
+            close = next((c for c in (difflib.get_close_matches(missing, n, n=2) for n in names) if c), [])
+            close = [repr(f"{c}{module_name[len(missing):]}:{function_name}") for c in close]
+            hint = f"did you mean {' or '.join(close)}? Else run" if close else "run"
+            raise SystemExit(f"--reward-fn {spec!r}: no module named {missing!r}; {hint} from the folder that holds "
+                             "it, add that folder to PYTHONPATH, or give the path of the .py file")
+        raise SystemExit(f"{user_traceback(e)}--reward-fn {spec!r}: importing {module_name!r} raised "
+                         f"{type(e).__name__}: {e} (its traceback above)")
     reward_fn = getattr(module, function_name, None)
     if not callable(reward_fn):
-        raise SystemExit(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}")
+        functions = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        close = [repr(f"{module_name}:{c}") for c in difflib.get_close_matches(function_name, functions, n=2)]
+        own = [n for n in functions if getattr(vars(module)[n], "__module__", None) == module.__name__]
+        hint = f"did you mean {' or '.join(close)}?" if close else f"its functions: {', '.join(own[:8]) or 'none'}"
+        kind = type(reward_fn).__name__
+        what = "" if reward_fn is None else f" ({function_name} there is a{'n' * (kind[0] in 'aeiou')} {kind})"
+        raise SystemExit(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}{what}; {hint}")
     return reward_fn
 
 
+def user_traceback(error, frames=6):
+    """The last `frames` frames of `error`'s traceback outside this file and importlib, as Python prints them
+    (with the error's own line): where the user's function or module failed, in the user's file."""
+    import traceback
+
+    ours = (os.path.abspath(__file__), os.path.dirname(importlib.__file__))
+    stack = [f for f in traceback.extract_tb(error.__traceback__)
+             if not os.path.abspath(f.filename).startswith(ours) and not f.filename.startswith("<frozen")]  # fmt: skip
+    return "".join(["Traceback (most recent call last):\n", *traceback.format_list(stack[-frames:]),
+                    *traceback.format_exception_only(type(error), error)])
+
+
+def reward_fn_completions(prompts, completions):
+    """The completions as a reward function receives them: the text, or for a conversation (a prompt that is a
+    list of messages) the assistant's message, [{"role": "assistant", "content": text}] (TRL's convention)."""
+    return [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]
+
+
+def row_repr(prompt, completion):
+    """A row of a batch in an error message, each string cut to 200 characters."""
+    return f"(prompt {short_repr(prompt, 200)}, completion {short_repr(completion, 200)})"
+
+
 def reward_fn_scores(reward_fn, spec, prompts, completions):
-    """Raw scores (B,) of a reward function for a batch of prompts and completion texts; a completion of a
-    conversation (its prompt a list of messages) is passed as [{"role": "assistant", "content": text}]. A function
-    that raises, returns another number of scores, or a score that is not a finite number stops the run."""
-    completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
-                   for p, c in zip(prompts, completions)]  # fmt: skip
+    """Raw scores (B,) of a reward function for a batch of prompts and completion texts, the completions passed as
+    reward_fn_completions gives them. A function that raises (its traceback shown), returns another number of
+    scores, or a score that is not a finite number stops the run, naming the row."""
+    completions = reward_fn_completions(prompts, completions)
     try:
         scores = reward_fn(prompts, completions)
     except Exception as batch_error:  # noqa: BLE001 (any error of the user's function is reported, with its row)
-        error, row = batch_error, f"a batch of {len(prompts)} rows (first prompt {prompts[0]!r})"
+        error, row = batch_error, f"a batch of {len(prompts)} rows (first prompt {short_repr(prompts[0], 200)})"
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):  # the first row it fails on alone
             try:
                 reward_fn([prompt], [completion])
             except Exception as row_error:  # noqa: BLE001
-                error, row = row_error, f"row {i} of the batch (prompt {prompt!r}, completion {completion!r})"
+                error, row = row_error, f"row {i} of the batch {row_repr(prompt, completion)}"
                 break
-        raise SystemExit(f"--reward-fn {spec}: raised {type(error).__name__}: {error} on {row}; fix the function "
-                         "(run it on that row alone to see the traceback)")
+        raise SystemExit(f"{user_traceback(error)}--reward-fn {spec}: raised {type(error).__name__}: {error} on "
+                         f"{row}; its traceback above")
     scores = scores.tolist() if isinstance(scores, torch.Tensor) else scores
     if not hasattr(scores, "__len__") or len(scores) != len(prompts):
         got = f"{len(scores)} scores" if hasattr(scores, "__len__") else repr(scores)
@@ -311,8 +418,8 @@ def reward_fn_scores(reward_fn, spec, prompts, completions):
                          "it must return one score per completion")
     for i, score in enumerate(scores):
         if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
-            raise SystemExit(f"--reward-fn {spec}: returned {score!r} for row {i} of the batch (prompt {prompts[i]!r}, "
-                             f"completion {completions[i]!r}); each score must be a finite int or float")
+            raise SystemExit(f"--reward-fn {spec}: returned {score!r} for row {i} of the batch "
+                             f"{row_repr(prompts[i], completions[i])}; each score must be a finite int or float")
     return torch.tensor([float(score) for score in scores])  # (B,)
 
 

@@ -69,7 +69,7 @@ class Args:
     reward_model: str = ""
     """hub id or local path of a one-output sequence-classification reward model ('': the built-in task's reward)"""
     reward_fn: str = ""
-    """module:function or file.py:function, f(prompts, completions) -> floats, instead of a --reward-model"""
+    """module:function or file.py:function, f(prompts, completions) -> floats, any scale, instead of a --reward-model"""
 
     # --- sampling ---
     sample_prompts: int = 24
@@ -204,7 +204,7 @@ if __name__ == "__main__":
         scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model, bf16=bf16)
 
         def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
-            return scorer(batch_prompts, prompt_ids, completion_ids, ended)[0].tolist()  # (scores, s_phi)
+            return scorer.scores(batch_prompts, prompt_ids, completion_ids).tolist()  # raw: no range, any scale
 
     elif all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
         score = true_reward  # the built-in task's, 0 for a sample that never ended

@@ -146,8 +146,9 @@ def test_reward_functions_are_called_on_a_batch_and_bad_output_names_the_functio
     (tmp_path / "mine.py").write_text("def score(prompts, completions):\n    return [0.0 for _ in completions]\n")
     assert load_reward_fn(f"{tmp_path / 'mine.py'}:score")(["p"], ["c"]) == [0.0]
     for spec, message in [
-        ("toy.task", "give module:function"), ("no_such_module_here:f", "could not import"),
-        ("toy.task:no_such_fn", "has no function 'no_such_fn'"), (f"{tmp_path}/x.py:f", "could not import"),
+        ("toy.task", "give module:function"), ("no_such_module_here:f", "no module named 'no_such_module_here'"),
+        ("toy.task:no_such_fn", "has no function 'no_such_fn'"),
+        (f"{tmp_path}/x.py:f", f"no file 'x.py' in {tmp_path}"),
     ]:
         with pytest.raises(SystemExit, match=message):
             load_reward_fn(spec)
