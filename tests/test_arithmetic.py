@@ -90,17 +90,22 @@ def test_data_files_are_reproduced_and_hold_out_their_pairs(tmp_path):
 
 def test_end_of_run_evaluation_scores_with_the_task_of_the_prompts():
     from common import load_tokenizer
-    from toy.evaluate import compare_policies, task_of
+    from toy.evaluate import compare_policies, task_of, true_reward
 
     review = [r["prompt"] for r in read(REPO / "toy/data/prompts/test.jsonl")[:3]]
     sums = [r["prompt"] for r in read(REPO / "toy/data/arithmetic-prompts/test.jsonl")]
     assert task_of(review).name == "toy.task" and task_of(sums).name == "toy.arithmetic"
     assert task_of(review + sums) is None and task_of(["hello"]) is None and task_of([]) is None
+    # the checker, and 0 for a sample cut off before its EOS (here "42" then a token that is not EOS)
+    assert true_reward(["17 + 25 =", "17 + 25 =", "17 + 25 ="], None, None, ["42", "42", "41"], [True, False, True]) == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="no built-in task"):
+        true_reward(review[:1] + sums[:1], None, None, ["a", "b"], [True, True])
     rows = [{"prompt": p} for p in sums]
     options = dict(num_prompts=6, samples_per_prompt=4, max_new_tokens=4, batch_size=8, seed=0, device=torch.device("cpu"), bf16=False)
     results = compare_policies(str(POLICY), str(POLICY), load_tokenizer(str(POLICY)), rows, **options)
     for name in ("starting_policy", "trained_policy"):
         assert results[name]["task"] == "toy.arithmetic" and results[name]["num_samples"] == 24
+        assert results[name]["grammatical"] >= 0.9  # its answers are numbers (the review task's grammar takes none)
     for r in results["samples"]:  # each sample's reward recomputed: 1 for the one word a + b followed by EOS
         assert r["reward"] == float(r["ended"] and r["completion"].split() == [str(sum(parse_prompt(r["prompt"])))]), r
     assert compare_policies(str(POLICY), str(POLICY), None, [{"prompt": "hello"}], **options) == {}
