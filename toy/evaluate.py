@@ -1,19 +1,27 @@
-"""The built-in task's evaluation: sample the trained and the starting policy on held-out
-prompts, score every sample with the task's true reward, and estimate the KL between them.
+"""The built-in tasks' evaluation: sample the trained and the starting policy on held-out
+prompts, score every sample with the true reward of the task the prompts belong to, and
+estimate the KL between them.
 
-The training scripts call compare_policies at the end of a run on the built-in task only
+The training scripts call compare_policies at the end of a run on a built-in task only
 (their --dataset under toy/), after the trained policy is saved: a script copied into
 another project without this folder runs and saves as before, and skips this.
 """
 
+import importlib
 import json
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from common import build_batch, generate, load_model, print0, sequence_logps, tokenize_examples
-from toy.task import parse_completion, parse_prompt, reward
+
+# The built-in tasks: (module, its reward of a batch f(prompts, completions) -> floats, its parser of a completion,
+# None for text outside the task: the "grammatical" fraction). The review task (toy/task.py) comes first and is
+# the default; a later task's module is imported only for prompts that are not an earlier task's, so evaluate.py
+# copied with toy/task.py alone (README) still runs on the review task.
+TASKS = (("toy.task", "rewards", "parse_completion"), ("toy.arithmetic", "reward", "parse_answer"))
 
 
 def unique_prompts(rows):
@@ -31,9 +39,24 @@ def gather_lists(items):
     return [x for part in gathered for x in part]
 
 
+def task_of(prompts):
+    """The built-in task that every one of `prompts` belongs to, as a namespace (name, rewards, parse_completion),
+    or None: no prompts, or one that no task (or not the same task) asks."""
+    for module_name, rewards_name, parse_name in TASKS:
+        task = importlib.import_module(module_name)
+        if prompts and all(isinstance(p, str) and task.parse_prompt(p) is not None for p in prompts):
+            return SimpleNamespace(name=module_name, rewards=getattr(task, rewards_name),
+                                   parse_completion=getattr(task, parse_name))
+    return None
+
+
 def true_reward(batch_prompts, prompt_ids, completion_ids, completions, ended):
-    """The task's reward of a batch of samples; 0 for a completion cut off before its EOS."""
-    return [reward(p, c) if e else 0.0 for p, c, e in zip(batch_prompts, completions, ended)]
+    """The reward of a batch of samples by the task their prompts belong to; 0 for a completion cut off
+    before its EOS."""
+    task = task_of(batch_prompts)
+    if task is None:
+        raise ValueError(f"prompts of no built-in task (or of two): {batch_prompts[:3]!r}...")
+    return [r if e else 0.0 for r, e in zip(task.rewards(batch_prompts, completions), ended)]
 
 
 @torch.no_grad()
@@ -76,10 +99,12 @@ def sample_records(policy, reference, tokenizer, prompts, *, samples_per_prompt,
 
 def sample_eval(policy, reference, tokenizer, prompts, *, samples_per_prompt, max_new_tokens, batch_size, device, seed,
                 bf16):
-    """sample_records with the true reward, summarized: the mean reward and its standard error,
-    the sampled KL to `reference` (None without one), the fractions of samples that ended with
-    EOS and that are grammatical (over-optimized policies drift out of the task's grammar), the
-    mean length, and 8 examples."""
+    """sample_records with the true reward, summarized: the task's module, the mean reward and its
+    standard error, the sampled KL to `reference` (None without one), the fractions of samples that
+    ended with EOS and that are grammatical (that its task parses: over-optimized policies drift out
+    of the review task's grammar; the arithmetic task's answer is one integer), the mean length, and
+    8 examples."""
+    task = task_of(prompts)
     sampling = dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     device=device, seed=seed, bf16=bf16)
     records = sample_records(policy, reference, tokenizer, prompts, **sampling)
@@ -87,11 +112,12 @@ def sample_eval(policy, reference, tokenizer, prompts, *, samples_per_prompt, ma
     rewards = [r["reward"] for r in records]
     mean = sum(rewards) / n
     return {
+        "task": task.name,
         "reward": mean,
         "reward_stderr": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, n - 1) / n),
         "kl": sum(r["kl"] for r in records) / n if reference is not None else None,
         "ended_with_eos": sum(r["ended"] for r in records) / n,
-        "grammatical": sum(r["ended"] and parse_completion(r["completion"]) is not None for r in records) / n,
+        "grammatical": sum(r["ended"] and task.parse_completion(r["completion"]) is not None for r in records) / n,
         "length": sum(r["length"] for r in records) / n,
         "num_samples": n,
         "examples": records[:: max(1, n // 8)][:8],
@@ -103,10 +129,10 @@ def compare_policies(trained, starting, tokenizer, rows, *, num_prompts, samples
     """The end-of-run evaluation of a training script: the saved trained policy (a folder) and the
     starting policy (its reference), sampled on the first `num_prompts` held-out prompts of `rows`.
     Each rank loads both whole and samples its share. Returns {"starting_policy", "trained_policy"}
-    (sample_eval's summaries; the trained one's KL is to the starting policy) and "samples" (both
-    policies' examples), or {} when the prompts are not the built-in task's."""
+    (sample_eval's summaries, scored by the task the prompts belong to; the trained one's KL is to the
+    starting policy) and "samples" (both policies' examples), or {} when the prompts are no built-in task's."""
     prompts = unique_prompts(rows)[:num_prompts]
-    if not prompts or not all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
+    if task_of(prompts) is None:
         return {}
     policy, reference = load_model(trained, device).eval(), load_model(starting, device).eval()
     sampling = dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
