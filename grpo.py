@@ -111,7 +111,7 @@ class Args:
 
     # --- algorithm ---
     beta: float = 0.04
-    """weight of the KL penalty to the reference in the loss (Eq. 3): larger stays closer (the paper: 0.04)"""
+    """weight of the KL penalty (Eq. 3): larger stays closer; alone it moves a group of equal rewards (paper: 0.04)"""
     reward_fn: str = ""
     """module:function or file.py:function, f(prompts, completions) -> floats ('': the task's toy.task:rewards)"""
     reward_model: str = ""
@@ -127,7 +127,7 @@ class Args:
 
     # --- optimizer ---
     learning_rate: float = 1e-4
-    """peak learning rate of AdamW (the paper: 5e-6 for Qwen2-1.5B)"""
+    """peak learning rate of AdamW (the paper: 1e-6 for DeepSeekMath-Instruct 7B)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_ratio: float = 0.1

@@ -26,7 +26,8 @@ def test_group_advantages_by_hand_with_a_group_of_equal_rewards():
         unbiased = math.sqrt(sum((x - mean) ** 2 for x in group) / 2)  # Bessel's G - 1, as TRL (not / G)
         # float32: a mean, a one-pass std (about 10 roundings of values of size 1) and a division: 16 ops
         assert std[3 * g : 3 * g + 3].tolist() == by_hand([unbiased] * 3, ops=16)
-        assert advantages[3 * g : 3 * g + 3].tolist() == by_hand([(x - mean) / (unbiased + 1e-4) for x in group], ops=16)
+        expected = [(x - mean) / (unbiased + 1e-4) for x in group]
+        assert advantages[3 * g : 3 * g + 3].tolist() == by_hand(expected, ops=16)
     with pytest.raises(RuntimeError):  # a batch that is not whole groups
         group_advantages(torch.zeros(8), 3)
 
@@ -36,7 +37,7 @@ def test_loss_by_hand_with_ratios_the_clip_holds_and_the_k3_kl():
     # two completions of 2 and 3 tokens; position 2 of the first is off the mask (garbage there must not count)
     mask = torch.tensor([[True, True, False], [True, True, True]])
     policy = torch.tensor([[-1.0, -2.0, 7.0], [-0.5, -1.5, -3.0]])
-    shift = torch.tensor([[0.3, -0.1, 0.0], [-0.4, 0.5, 0.05]])  # log(pi / pi_old): ratios 1.35, 0.90 | 0.67, 1.65, 1.05
+    shift = torch.tensor([[0.3, -0.1, 0.0], [-0.4, 0.5, 0.05]])  # log(pi / pi_old): ratios 1.35 0.90 | 0.67 1.65 1.05
     old = policy - shift
     reference = torch.tensor([[-1.2, -1.7, 0.0], [-0.1, -2.5, -3.3]])
     advantages = torch.tensor([1.5, -0.5])
@@ -110,7 +111,8 @@ try:
 finally:
     common.generate = real_generate
 '''
-SHORT = ["--max-steps", "3", "--sample-prompts", "0", "--eval-split", "", "--log-samples-every", "1"]
+SHORT = ["--max-steps", "3", "--sample-prompts", "0", "--eval-split", "", "--log-samples-every", "1",
+         "--max-new-tokens", "7"]  # some samples end within 7 tokens, some do not: the missing-EOS penalty applies
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +120,16 @@ def runs(tmp_path_factory):
     """{name: Run} of this file's one-process runs, in one interpreter."""
     root = tmp_path_factory.mktemp("grpo")
     (root / "seeded.py").write_text(SEEDED)
+    # a reward that a sample cut off at --max-new-tokens gets too (the built-in one gives it 0): r = s_phi differs
+    reward_fn = "def count(prompts, completions):\n    return [min(1.0, len(c) / 40) for c in completions]\n"
+    (root / "chars.py").write_text(reward_fn)
+    args = SHORT + ["--reward-fn", f"{root / 'chars.py'}:count", "--reward-range", "0", "1"]
     found = run_in_one_process({
-        "one": (str(root / "seeded.py"), SHORT + ["--per-device-batch-size", "8"]),  # 2 prompts x G = 4
+        "one": (str(root / "seeded.py"), args + ["--per-device-batch-size", "8"]),  # 2 prompts x G = 4
         "g1": ("grpo.py", ["--num-generations", "1"]),
         "split-group": ("grpo.py", ["--per-device-batch-size", "6"]),  # G = 4 does not divide 6
     }, root)  # fmt: skip
-    found["seeded"] = root / "seeded.py"
+    found["seeded"], found["args"] = root / "seeded.py", args
     return found
 
 
@@ -135,7 +141,7 @@ def test_metrics_against_the_logged_samples(runs):
         mine = [s for s in samples if s["step"] == r["step"]]
         groups = [mine[g : g + 4] for g in range(0, 8, 4)]
         assert len(mine) == 8 and all(len({s["prompt"] for s in group}) == 1 for group in groups)  # G in a row
-        # r = s_phi: the built-in reward in [0, 1], less the missing-EOS penalty 1.0 where a sample did not end, clipped
+        # r = s_phi: the score (in [0, 1]), less the missing-EOS penalty 1.0 where a sample did not end, clipped
         rewards = [[min(1.0, max(0.0, s["reward"] - (0.0 if s["ended"] else 1.0))) for s in group] for group in groups]
         stds = [math.sqrt(sum((x - sum(g) / 4) ** 2 for x in g) / 3) for g in rewards]
         # float32 rewards (logged exactly), stds of 4 and the means of 8: 16 ops of values of size 1
@@ -143,6 +149,7 @@ def test_metrics_against_the_logged_samples(runs):
         assert r["group_std"] == by_hand(sum(stds) / 2, ops=16)
         assert r["zero_std_groups"] == sum(s == 0 for s in stds) / 2
         assert r["clip_fraction"] == 0.0  # pi_old = pi: the ratio is exactly 1
+    assert any(s["reward"] > 0 and not s["ended"] for s in samples)  # the penalty made s_phi differ from the score
     first, last = records[0], records[-1]
     # the policy starts equal to the reference (the same float32 operations): log-ratio and k3 exactly 0; the loss is
     # -mean A, and each group's advantages sum to 0 (to rounding: 8 terms of size <= sqrt(3))
@@ -161,8 +168,8 @@ def test_two_processes_match_one_process(tmp_path, runs):
     # 2 ranks x 1 prompt (4 completions) train like 1 rank x 2 prompts (8 completions): the same samples (seeded by
     # prompt), each group normalized alone, the loss the mean over all 8 completions
     one = runs["one"].records
-    two, _ = run_script(str(runs["seeded"]), SHORT + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path)],
-                        nproc=2)  # fmt: skip
+    two, _ = run_script(str(runs["seeded"]), runs["args"] + ["--per-device-batch-size", "4", "--output-dir",
+                                                             str(tmp_path)], nproc=2)  # fmt: skip
     assert [r["step"] for r in two] == [1, 2, 3]
     # the same samples: the same rewards and lengths, summed over 8 or over 4 + 4 (float32 sums of 8 values of one
     # sign: each sum within 8 eps of its value; integers exactly)
