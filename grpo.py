@@ -17,7 +17,7 @@ whose G rewards are all equal (std 0: all right, or all wrong) has advantages 0,
 
 Online, for each batch of prompts: sample G completions per prompt, score each with a --reward-fn (any Python
 function) or a --reward-model, take r = s_phi, the score normalized into [0, 1] as in una_online.py and ppo.py
-(common.Scorer), and take one step on L. How this script departs from the paper:
+(common.Scorer), and take one step on L. Where this script departs from the paper, or chooses where it says nothing:
   1. One optimizer step per batch of samples (the paper's mu = 1, its setting in Sec. 4.2, and TRL's default
      num_iterations = 1): pi_old is the policy that sampled, so ratio_t = 1, the clip never acts (clip_fraction is
      0) and the gradient is A_i grad log pi(y_t|.) plus the KL's. grpo_loss takes any pi_old (tested with ratio != 1).
