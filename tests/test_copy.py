@@ -20,6 +20,7 @@ CASES = {
     "una_offline.py": ("score", ["--feedback", "score"]),
     "una_online.py": ("prompts", ["--reward-model", "REWARD_MODEL"]),  # no built-in reward
     "ppo.py": ("prompts", ["--reward-fn", "my_reward.py:score", "--reward-range", "0", "1"]),  # the user's function
+    "grpo.py": ("prompts", ["--reward-fn", "my_reward.py:score", "--reward-range", "0", "1"]),  # 1 prompt x G = 4
     "sft.py": ("sft", []),
 }
 

@@ -44,6 +44,7 @@ IN_ONE_PROCESS = {
     "sft": ["--sample-prompts", "1", "--samples-per-prompt", "2", "--eval-split", "test"],  # the starting policy's evaluation is restored
     "tr_dpo": ["--ref-sync-steps", "1"],  # the reference moves every step: it is checkpointed too
     "una_offline": ["--feedback", "binary"],
+    "grpo": [],  # 2 prompts x G = 4 completions: the RNG state of sampling restored
 }
 
 
