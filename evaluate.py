@@ -44,8 +44,7 @@ import torch
 import tyro
 
 from common import Scorer, load_model, load_rows, load_tokenizer, resolve_path, tokenize_examples
-from toy.evaluate import sample_records, true_reward, unique_prompts
-from toy.task import parse_prompt
+from toy.evaluate import sample_records, task_of, true_reward, unique_prompts
 
 
 @dataclass
@@ -206,10 +205,10 @@ if __name__ == "__main__":
         def score(batch_prompts, prompt_ids, completion_ids, completions, ended):
             return scorer.scores(batch_prompts, prompt_ids, completion_ids).tolist()  # raw: no range, any scale
 
-    elif all(isinstance(p, str) and parse_prompt(p) is not None for p in prompts):
-        score = true_reward  # the built-in task's, 0 for a sample that never ended
+    elif task_of(prompts) is not None:
+        score = true_reward  # the built-in task's (review or arithmetic), 0 for a sample that never ended
     else:
-        raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in task: "
+        raise SystemExit(f"{args.dataset} [{args.split}] holds prompts outside the built-in tasks: "
                          "pass a --reward-model or a --reward-fn to score them")
 
     # ------------------------------------------------------------------ reference, then each checkpoint
@@ -228,7 +227,7 @@ if __name__ == "__main__":
         del policy
 
     # ------------------------------------------------------------------ report
-    reward_name = "true reward of the built-in task"
+    reward_name = f"true reward of the built-in task {task_of(prompts).name}"
     if args.reward_model or args.reward_fn:
         reward_name = f"mean score of {args.reward_model or args.reward_fn}"
     print(f"\nreward: {reward_name}; KL: nats per sequence to {args.reference}; "
