@@ -992,7 +992,8 @@ def _stop_if_save_failed(error, what, folder, run_dir, partial=None):
 # fails (a full disk) removes that folder and stops the run with one line naming the checkpoint to resume from.
 
 DATA_ORDER_ARGS = ("dataset", "train_split", "seed", "num_epochs", "max_length", "max_prompt_length",
-                   "ppo_epochs", "num_mini_batches")  # ppo.py: optimizer steps per batch of samples
+                   "ppo_epochs", "num_mini_batches",  # ppo.py: optimizer steps per batch of samples
+                   "num_generations")  # the online scripts: completions per prompt, so prompts per batch
 # What the restored weights are: a change would resume a policy other than the one saved.
 WEIGHTS_ARGS = ("model_name", "lora_r", "lora_alpha", "lora_target_modules")
 # What the restored optimizer and scheduler hold: resume_optimizer_args sets this run's values in them.

@@ -15,10 +15,12 @@ from the policy pi_old, scored once, and turned into a reward per generated toke
     L_V   = mean_t 1/2 max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2)           (N+)
     L     = L_pi + c_V L_V                                                  (PPO Eq. 9, no entropy bonus)
 
-for --ppo-epochs passes over --num-mini-batches mini-batches of each batch of samples, one
-optimizer step per mini-batch. What PPO needs that online UNA does not: a value model (its own
-network with a scalar head, trained alongside the policy, with its own optimizer), per-token
-log-probs, GAE, whitening, clipping, and several passes per batch.
+for --ppo-epochs passes (4, as N+ and TRL) over --num-mini-batches mini-batches of each batch of samples, one
+optimizer step per mini-batch; a step (--max-steps, --save-every, --eval-every, metrics.jsonl's "step") is one
+batch of samples, as in una_online.py. --num-generations G samples G completions per prompt (1 by default; the
+batch sizes count completions). What PPO needs that online UNA does not: a value model (its own network with a
+scalar head, trained alongside the policy, with its own optimizer), per-token log-probs, GAE, whitening,
+clipping, and several passes per batch.
 
 The method: token_rewards, gae, ppo_losses, ValueModel, and the lines marked "# ALGO LOGIC" (sampling and
 scoring, the advantages, the losses, the steps). The rest is setup, data, checkpoints and logging, the same in
@@ -38,6 +40,7 @@ How this script departs from the papers and N+:
   5. No adaptive KL controller (Ziegler), no reward whitening, no pretraining mix (Ouyang's PPO-ptx).
   6. LoRA: the value model gets LoRA adapters of the same rank on its own backbone, its head in full.
      A checkpoint holds the value model's weights and its optimizer (gathered whole to rank 0 under FSDP).
+  7. No --temperature or --top-p: samples come from pi itself (T = 1), as ratio and KL assume (TRL: logits / T).
 
 Data: the prompts of any dataset; only the "prompt" column is read (plain text or a list of
 messages), so prompts-only, pairwise, binary and score files all work and their other columns
@@ -46,7 +49,7 @@ for a list of messages as [{"role": "assistant", "content": text}]; it returns o
 number per sample (one that raises or returns anything else stops the run, naming the row).
 
 Run:
-    python ppo.py                                      # built-in task, CPU, about a minute (3 epochs)
+    python ppo.py                                      # built-in task, CPU, a few minutes (3 epochs)
     python ppo.py --reward-fn my_rewards.py:score --reward-range 0 1 --dataset my_prompts.jsonl
     torchrun --nproc_per_node 8 ppo.py --model-name Qwen/Qwen2-1.5B-Instruct \\
         --dataset trl-lib/ultrafeedback-prompt --reward-model Ray2333/GRM-Gemma-2B-rewardmodel-ft \\
@@ -54,8 +57,8 @@ Run:
         --max-prompt-length 512 --eval-split ''
     (a 7B model over several nodes with --fsdp and --lora-r: README, "Real scale on GPUs")
 
-Outputs in --output-dir: metrics.jsonl (one line per step), eval.json, args.json, and the
-trained policy in Hugging Face format (with --lora-r, its LoRA adapter); the value model is in
+Outputs in --output-dir: metrics.jsonl (one line per step: the means over its optimizer steps), eval.json,
+args.json, and the trained policy in Hugging Face format (with --lora-r, its LoRA adapter); the value model is in
 the checkpoints only.
 """
 
@@ -87,6 +90,7 @@ from common import (
     load_rows,
     load_tokenizer,
     lr_lambda,
+    micro_batch,
     print0,
     resume_optimizer_args,
     save_checkpoint,
@@ -126,8 +130,10 @@ class Args:
     """LOW HIGH: min-max the raw score to [0, 1], clipped (None: sigmoid; 0 1 for toy.task:rewards)"""
     missing_eos_penalty: float = 1.0
     """subtracted from the raw score of a sample that did not end with EOS (N+'s EOS trick)"""
-    ppo_epochs: int = 2
-    """passes of PPO over each batch of samples"""
+    num_generations: int = 1
+    """G: completions sampled per prompt in one generate call (TRL's num_generations); batch sizes count completions"""
+    ppo_epochs: int = 4
+    """passes of PPO over each batch of samples (N+ and TRL: 4)"""
     num_mini_batches: int = 2
     """mini-batches each micro-batch of samples is cut into, one optimizer step each per PPO epoch"""
     clip_range: float = 0.2
@@ -140,10 +146,6 @@ class Args:
     """discount of GAE over the completion's tokens"""
     lam: float = 0.95
     """lambda of GAE: 1 is the Monte-Carlo return, 0 the one-step TD error"""
-    temperature: float = 1.0
-    """sampling temperature (1: sample from the policy itself, which the KL estimate assumes)"""
-    top_p: float = 1.0
-    """nucleus sampling: keep the smallest set of tokens holding this probability (1: off)"""
 
     # --- optimizer ---
     learning_rate: float = 1e-4
@@ -159,13 +161,13 @@ class Args:
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
-    """prompts sampled (one completion each) and trained on per forward pass on each process (a micro-batch)"""
+    """completions sampled and trained on per forward pass on each process (a micro-batch): per_device_batch_size / G prompts, G completions each"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated per optimizer step"""
     num_epochs: int = 3
     """passes over the training prompts"""
     max_steps: int = 0
-    """cap on optimizer steps (0: no cap, run num_epochs)"""
+    """cap on steps, each one global batch of samples (0: no cap, run num_epochs)"""
     max_prompt_length: int = 32
     """longest prompt in tokens; longer prompts keep their last tokens"""
 
@@ -189,7 +191,7 @@ class Args:
 
     # --- checkpoints ---
     save_every: int = 0
-    """write a checkpoint every this many optimizer steps, a multiple of ppo_epochs * num_mini_batches (0: never)"""
+    """write a checkpoint every this many steps (0: never)"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
     resume_from: str = ""
@@ -225,14 +227,19 @@ def token_logps(model, input_ids, attention_mask, labels):
 
 class ValueModel(torch.nn.Module):
     """V(s_t): the transformer of a sequence-classification model and its scalar head, read at every position
-    (the model's own forward would pool the last token only)."""
+    (the model's own forward would pool the last token only); its dropout off unless `dropout`, as the policy's."""
 
-    def __init__(self, model):
+    def __init__(self, model, dropout=False):
         super().__init__()
         if not hasattr(model, "score"):
             raise SystemExit(f"{type(model).__name__} has no scalar head named score: the value model needs one "
                              "(Llama, Qwen, Gemma, Mistral and most decoders have it)")
         self.backbone, self.head = getattr(model, model.base_model_prefix), model.score
+        for module in model.modules() if not dropout else []:  # as common.load_model does for the policy
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
         self.no_split_modules = model._no_split_modules  # its decoder layers' class names, for FSDP
 
     def forward(self, input_ids, attention_mask, labels=None):
@@ -311,22 +318,21 @@ if __name__ == "__main__":
     bf16 = args.bf16 if args.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else on_gpu
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
+    G = args.num_generations  # completions per prompt: a group
+    if G < 1 or args.per_device_batch_size % G:
+        raise SystemExit(f"--per-device-batch-size ({args.per_device_batch_size}) counts completions: it must be a "
+                         f"multiple of --num-generations ({G}), so that every process holds whole groups")
+    unit, M = "completions", args.num_mini_batches  # M: mini-batches per micro-batch of samples
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
-    if args.ppo_epochs < 1 or args.num_mini_batches < 1 or args.per_device_batch_size % args.num_mini_batches:
-        raise SystemExit(f"--ppo-epochs ({args.ppo_epochs}) and --num-mini-batches ({args.num_mini_batches}) must be "
-                         f"at least 1, and --num-mini-batches must divide --per-device-batch-size "
-                         f"({args.per_device_batch_size})")
-    updates_per_batch = args.ppo_epochs * args.num_mini_batches  # optimizer steps on each batch of samples
-    if args.save_every % updates_per_batch:
-        raise SystemExit(
-            f"--save-every ({args.save_every}) must be a multiple of --ppo-epochs x --num-mini-batches "
-            f"({updates_per_batch}): a checkpoint is taken when a batch of samples is used up"
-        )
-    if not (args.reward_fn or args.reward_model) and not args.dataset.startswith("toy/"):
-        raise SystemExit(f"--dataset {args.dataset} is not the built-in task, whose reward function is the default: "
-                         "give a --reward-model or a --reward-fn module:function")
-    print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} prompts")
+    if args.ppo_epochs < 1 or M < 1 or args.per_device_batch_size % M:
+        raise SystemExit(f"--ppo-epochs ({args.ppo_epochs}) and --num-mini-batches ({M}) must be at least 1, and "
+                         f"--num-mini-batches must divide --per-device-batch-size ({args.per_device_batch_size})")
+    if not (args.reward_fn or args.reward_model) and not args.dataset.startswith("toy/data/prompts"):
+        raise SystemExit(f"--dataset {args.dataset} has no default reward (toy.task:rewards is the built-in review "
+                         "task's, for toy/data/prompts): give a --reward-model or a --reward-fn module:function "
+                         "(toy.arithmetic:reward for the built-in arithmetic task)")
+    print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} {unit}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
     # ------------------------------------------------------------------ data
@@ -338,33 +344,36 @@ if __name__ == "__main__":
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
     train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
-    batches_per_epoch = len(train_examples) // global_batch_size
+    batches_per_epoch = len(train_examples) // (global_batch_size // G)
     if batches_per_epoch == 0:
-        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
-    total_steps = batches_per_epoch * args.num_epochs * updates_per_batch
+        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of "
+                         f"{global_batch_size // G} prompts ({global_batch_size} {unit}, {G} per prompt)")
+    total_steps = batches_per_epoch * args.num_epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
-    leftover = len(train_examples) - batches_per_epoch * global_batch_size
+    leftover = len(train_examples) - batches_per_epoch * (global_batch_size // G)
     print0(
-        f"{len(train_examples)} training prompts, {batches_per_epoch} batches of samples per epoch, "
-        f"{updates_per_batch} step(s) per batch, {total_steps} steps"
-        + (f"; each epoch's last {leftover} prompts (drawn anew every epoch) wait for the next" if leftover else "")
+        f"{len(train_examples)} training prompts, {G} completion(s) each, {batches_per_epoch} steps per epoch, "
+        f"{total_steps} steps" + (f"; each epoch's last {leftover} prompts (drawn anew each epoch) wait for the next "
+                                  "epoch" if leftover else "")
     )
+    updates_per_step = args.ppo_epochs * M  # optimizer steps on each batch of samples
 
     # ------------------------------------------------------------------ models
+    # the explicit reward first: a --reward-fn that cannot be imported stops the run before the models load
+    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
+                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
     # itself with its adapter switched off (peft's disable_adapter), which is the base model
     policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)
     reference = None if args.lora_r > 0 else load_model(args.model_name, device).eval()
-    # the explicit reward: --reward-fn or --reward-model (whole on every rank: it only scores), and its s_phi
-    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
-                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     # The value model V(s_t) trains alongside the policy, with its own optimizer: a copy of the reward model when it
     # reads the policy's tokens (N+), else the starting policy's transformer with a new scalar head set to 0
     if args.reward_model and scorer.reward_tokenizer.get_vocab() == tokenizer.get_vocab():
-        value_model = ValueModel(load_reward_model(args.reward_model, device)[0].train().requires_grad_(True))
+        reward_model = load_reward_model(args.reward_model, device)[0]  # a copy: the scorer's stays frozen
+        value_model = ValueModel(reward_model.train().requires_grad_(True), args.dropout)
     else:
-        value_model = ValueModel(value_model_from(policy)).train()
+        value_model = ValueModel(value_model_from(policy), args.dropout).train()
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         value_model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -402,10 +411,11 @@ if __name__ == "__main__":
     value_module = value_model.module if isinstance(value_model, DDP) else value_model
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    warmup_steps = int(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
+    total_updates = total_steps * updates_per_step  # the schedules step per optimizer step
+    warmup_steps = int(args.warmup_ratio * total_updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_updates))
     value_scheduler = torch.optim.lr_scheduler.LambdaLR(value_optimizer,
-                                                        lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
+                                                        lr_lambda(args.lr_scheduler, warmup_steps, total_updates))
 
     def make_batch(examples):
         """The padded batch of `examples` (prompt and sampled completion ids) on the device: labels on the
@@ -422,15 +432,14 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def sample_and_score(examples, prompts):
-        """Sample one completion per prompt from the current policy pi_old, score it, and take the per-token
-        log-probs of pi_old and the reference and the values. Returns them, the batch, raw scores, s_phi and
-        seconds spent."""
+        """Sample one completion per row (a prompt repeated G times gets G) from the current policy pi_old, score
+        it, and take the per-token log-probs of pi_old and the reference and the values. Returns them, the batch,
+        raw scores, s_phi and seconds spent."""
         generate_start = time.time()
         prompt_ids = [e["prompt_ids"] for e in examples]
         model.eval()  # no dropout, and the KV cache works with gradient checkpointing
         with autocast:  # under FSDP, a rank whose samples all ended keeps stepping with the others (synced_gpus)
-            completion_ids, ended = generate(model, tokenizer, prompt_ids, args.max_new_tokens, device,
-                                             temperature=args.temperature, top_p=args.top_p)  # each cut after EOS
+            completion_ids, ended = generate(model, tokenizer, prompt_ids, args.max_new_tokens, device)  # cut after EOS
         score_start = time.time()
         scores, s_phi = scorer(prompts, prompt_ids, completion_ids, ended)  # (B,), (B,)
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
@@ -527,36 +536,29 @@ if __name__ == "__main__":
         return save_checkpoint(args.output_dir, step, args.keep_checkpoints, tokenizer,
                                models, optimizer, scheduler, args, extra)
 
-    num_batches = math.ceil(total_steps / updates_per_batch)  # batches of samples (--max-steps may cut one)
-    batches = training_batches(len(train_examples), global_batch_size, args.seed, step // updates_per_batch,
-                               num_batches)
-    samples = []  # this rank's micro-batches of scored samples, trained on for ppo_epochs x num_mini_batches steps
-    M = args.num_mini_batches
-    while step < total_steps:
+    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size // G, args.seed, step,
+                                                 total_steps):  # fmt: skip
         step_start = time.time()
-        new_samples = not samples or step % updates_per_batch == 0
-        if new_samples:
-            epoch, batch_indices = next(batches)
-            B = args.per_device_batch_size
-            samples = []
-            for micro_step in range(args.gradient_accumulation_steps):
-                indices = batch_indices[(micro_step * world_size + rank) * B :][:B]  # common.micro_batch's layout
-                examples, prompts = [train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices]
-                # ALGO LOGIC: sample y ~ pi_old(.|x) for this micro-batch's prompts, score each sample: s_phi
-                samples.append(sample_and_score(examples, prompts))
-            # ALGO LOGIC: per-token rewards, GAE advantages (whitened over the batch) and returns
-            explained_variance, mini_batch_tokens = advantages(samples)
+        samples = []  # this rank's micro-batches of scored samples, trained on for ppo_epochs x M optimizer steps
+        for micro_step in range(args.gradient_accumulation_steps):
+            indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size // G)
+            indices = [i for i in indices for _ in range(G)]  # G completions per prompt, sampled in one generate call
+            # ALGO LOGIC: sample y ~ pi_old(.|x) for this micro-batch's prompts, score each sample: s_phi
+            sample = sample_and_score([train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices])
+            samples.append(sample)
+        # ALGO LOGIC: per-token rewards, GAE advantages (whitened over the batch) and returns
+        explained_variance, mini_batch_tokens = advantages(samples)
         train_start = time.time()
-        ppo_epoch, mini_batch = divmod(step % updates_per_batch, M)
-        sums = {}  # named sums over this rank's samples of the step, then over the ranks
-        for micro_step, sample in enumerate(samples):
-            rows = slice(mini_batch, None, M)  # this step's mini-batch: rows m, m + M, m + 2M, ... of each micro-batch
-            batch, mask = {k: v[rows] for k, v in sample["batch"].items()}, sample["mask"][rows]  # mask (b, T-1)
-            last_micro_step = micro_step == args.gradient_accumulation_steps - 1
-            skip_sync = isinstance(policy, DDP) and not last_micro_step  # DDP averages the gradients once per step
-            no_sync = (policy.no_sync(), value_model.no_sync()) if skip_sync else (nullcontext(), nullcontext())
-            with no_sync[0], no_sync[1]:
-                with autocast:
+        sums, grad_norms = {}, []  # named sums over the step's optimizer steps and the ranks; the gradient norms
+        for update in range(updates_per_step):  # ppo_epochs passes over the M mini-batches, one optimizer step each
+            mini_batch, update_sums = update % M, {}  # named sums over this rank's samples of the update, then ranks
+            for micro_step, sample in enumerate(samples):
+                rows = slice(mini_batch, None, M)  # the mini-batch: rows m, m + M, m + 2M, ... of each micro-batch
+                batch, mask = {k: v[rows] for k, v in sample["batch"].items()}, sample["mask"][rows]  # mask (b, T-1)
+                last_micro_step = micro_step == args.gradient_accumulation_steps - 1
+                skip_sync = isinstance(policy, DDP) and not last_micro_step  # DDP averages the gradients once per step
+                no_sync = (policy.no_sync(), value_model.no_sync()) if skip_sync else (nullcontext(), nullcontext())
+                with no_sync[0], no_sync[1], autocast:
                     # ALGO LOGIC: the policy's log-probs and the values, the clipped losses, their gradient
                     policy_logps, _ = token_logps(policy, **batch)  # (b, T-1)
                     values = value_model(**batch)  # (b, T-1)
@@ -567,62 +569,66 @@ if __name__ == "__main__":
                     losses = (policy_losses + args.value_loss_coef * value_losses) * mask  # (b, T-1)
                     # the mean over the mini-batch's tokens on all ranks (DDP and FSDP average the ranks' gradients)
                     (losses.sum() * world_size / mini_batch_tokens[mini_batch]).backward()
-            for name, value in {
-                "loss": losses.detach().sum(),  # this and the next four: per completion token
-                "policy_loss": (policy_losses.detach() * mask).sum(),
-                "value_loss": (value_losses.detach() * mask).sum(),
-                "clip_fraction": (clipped & mask).sum(),
-                "approx_kl": ((logratio.exp() - 1 - logratio) * mask).sum(),  # KL(pi_old || pi), k3 estimator
-                "reward/mean": sample["scores"][rows].sum(),  # the raw score, before the penalty and normalization
-                "reward/squared": (sample["scores"][rows] ** 2).sum(),
-                "s_phi": sample["s_phi"][rows].sum(),
-                "value": (values.detach() * mask).sum(-1).div(mask.sum(-1)).sum(),  # mean V over each completion
-                "kl": ((policy_logps.detach() - sample["reference_logps"][rows]) * mask).sum(),  # KL(pi || ref) est.
-                "logps": (policy_logps.detach() * mask).sum(),
-                "completion_length": mask.sum(),
-                "ended_with_eos": sample["ended"][rows].sum(),
-                "tokens": batch["attention_mask"].sum(),
-                "count": torch.tensor(len(mask)),
-            }.items():
-                sums[name] = sums.get(name, 0) + value.double().to(device)
-        # ALGO LOGIC: one optimizer step per mini-batch, for the policy and the value model
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
-        value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm).item()
-        totals = torch.stack(list(sums.values()))
-        if world_size > 1:
-            dist.all_reduce(totals)
-        sums = dict(zip(sums, totals.tolist()))
-        if not all(map(math.isfinite, (sums["loss"], grad_norm, value_grad_norm))):  # all-reduced: all ranks stop
-            path = save_state()
-            raise SystemExit(
-                f"step {step + 1}: non-finite loss ({sums['loss'] / sums['completion_length']}) or grad_norm "
-                f"({grad_norm}, value {value_grad_norm}); stopped before updating the weights. The last good state "
-                f"(after step {step}) is saved in {path}. Lower --learning-rate or --max-grad-norm, check the data "
-                f"of this step, then --resume-from {path}"
-            )
-        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (scheduler.step() moves to the next)
-        optimizer.step()
-        value_optimizer.step()
-        scheduler.step()
-        value_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        value_optimizer.zero_grad(set_to_none=True)
+                for name, value in {
+                    "loss": losses.detach().sum(),  # this and the next four: per completion token
+                    "policy_loss": (policy_losses.detach() * mask).sum(),
+                    "value_loss": (value_losses.detach() * mask).sum(),
+                    "clip_fraction": (clipped & mask).sum(),
+                    "approx_kl": ((logratio.exp() - 1 - logratio) * mask).sum(),  # KL(pi_old || pi), k3 estimator
+                    "reward/mean": sample["scores"][rows].sum(),  # the raw score, before the penalty and normalization
+                    "reward/squared": (sample["scores"][rows] ** 2).sum(),
+                    "s_phi": sample["s_phi"][rows].sum(),
+                    "value": (values.detach() * mask).sum(-1).div(mask.sum(-1)).sum(),  # mean V over each completion
+                    "kl": ((policy_logps.detach() - sample["reference_logps"][rows]) * mask).sum(),  # KL(pi || ref)
+                    "logps": (policy_logps.detach() * mask).sum(),
+                    "completion_length": mask.sum(),
+                    "ended_with_eos": sample["ended"][rows].sum(),
+                    "tokens": batch["attention_mask"].sum(),
+                    "count": torch.tensor(len(mask)),
+                }.items():
+                    update_sums[name] = update_sums.get(name, 0) + value.double().to(device)
+            # ALGO LOGIC: one optimizer step per mini-batch, for the policy and the value model
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+            value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm).item()
+            totals = torch.stack(list(update_sums.values()))
+            if world_size > 1:
+                dist.all_reduce(totals)
+            update_sums = dict(zip(update_sums, totals.tolist()))
+            if not all(map(math.isfinite, (update_sums["loss"], grad_norm, value_grad_norm))):  # all-reduced: all stop
+                failed, kept = step + 1, f", and the first {update} of step {step + 1}'s updates" if update else ""
+                step += update > 0  # the weights took some of this step's updates: saved as this step, cut short
+                path = save_state()
+                raise SystemExit(
+                    f"step {failed}, update {update + 1} of {updates_per_step}: non-finite loss "
+                    f"({update_sums['loss'] / update_sums['completion_length']}) or grad_norm ({grad_norm}, value "
+                    f"{value_grad_norm}); stopped before that update. The last good state (after step {failed - 1}"
+                    f"{kept}) is saved in {path}. Lower --learning-rate or --max-grad-norm, check the data of this "
+                    f"step, then --resume-from {path}"
+                )
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this update uses (scheduler.step() moves on)
+            optimizer.step()
+            value_optimizer.step()
+            scheduler.step()
+            value_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value_optimizer.zero_grad(set_to_none=True)
+            sums = {name: sums.get(name, 0.0) + value for name, value in update_sums.items()}
+            grad_norms.append((grad_norm, value_grad_norm))
         step += 1
         step_seconds = time.time() - step_start
 
         tokens, count, squared = sums.pop("tokens"), sums.pop("count"), sums.pop("reward/squared")
         per_token = ("loss", "policy_loss", "value_loss", "clip_fraction", "approx_kl")
-        metrics = {"step": step, "epoch": epoch, "ppo_epoch": ppo_epoch}
+        metrics = {"step": step, "epoch": epoch}  # the means over the step's optimizer steps
         metrics.update({k: v / (sums["completion_length"] if k in per_token else count) for k, v in sums.items()})
         metrics["reward/std"] = max(0.0, squared / count - metrics["reward/mean"] ** 2) ** 0.5
         metrics["explained_variance"] = explained_variance  # of the returns by V_old, over this batch of samples
-        metrics["learning_rate"], metrics["grad_norm"] = learning_rate, grad_norm
-        metrics["value_grad_norm"] = value_grad_norm
+        metrics["learning_rate"] = learning_rate  # the last update's
+        metrics["grad_norm"], metrics["value_grad_norm"] = (sum(g) / len(grad_norms) for g in zip(*grad_norms))
         metrics["tokens_per_second"], metrics["time/step"] = tokens / step_seconds, step_seconds
-        # this rank's seconds: sampling (the first step of a batch only), scoring with the reference and pi_old and
-        # the value model, training
-        metrics["time/generate"] = sum(s["seconds"][0] for s in samples) if new_samples else 0.0
-        metrics["time/score"] = sum(s["seconds"][1] for s in samples) if new_samples else 0.0
+        # this rank's seconds: sampling, scoring with the reward, the reference, pi_old and the value model, training
+        metrics["time/generate"] = sum(s["seconds"][0] for s in samples)
+        metrics["time/score"] = sum(s["seconds"][1] for s in samples)
         metrics["time/train"] = time.time() - train_start
         if eval_examples and args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             metrics.update(evaluate())

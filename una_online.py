@@ -14,19 +14,21 @@ LoRA adapter switched off. At the start pi = ref, so rho = 0 and s_theta = 0.5; 
 logit(s_phi). A target above 0.5 raises the completion's probability, below 0.5 lowers it, and 0.5 means "no
 change" (a score of 5.5 on a 1-10 scale, for example).
 
-Online, for each batch of prompts: sample y ~ pi(.|x), score each sample with a --reward-fn (any Python
-function) or a --reward-model, take s_phi = the score min-maxed from --reward-range LOW HIGH into [0, 1],
-clipped, or with no range sigmoid(score) (the paper says only "normalized"; the sigmoid is the authors' code's,
-una_peft.py), and take one step with g = (s_theta - s_phi)^2 (Eq. 13). PPO's job with no value model, no
-advantages, no clipping: the KL to ref is controlled only through beta.
+Online, for each batch of prompts: sample --num-generations G completions y ~ pi(.|x) per prompt (1 by
+default; the batch sizes count completions), score each sample with a --reward-fn (any Python function) or a
+--reward-model, take s_phi = the score min-maxed from --reward-range LOW HIGH into [0, 1], clipped, or with no
+range sigmoid(score) (the paper says only "normalized"; the sigmoid is the authors' code's, una_peft.py), and take
+one step with g = (s_theta - s_phi)^2 (Eq. 13). PPO's job with no value model, no advantages, no clipping: the
+KL to ref is controlled only through beta.
 
 The paper prints a minus before the squared error of Eq. 11 and of Eq. 13: typos (the authors' code minimizes the
 positive squared error, as here). How this script departs from the paper and the authors' code:
   1. rho is taken against the frozen reference, as in the paper; the authors' code uses the rollout-time policy
      there, keeps PPO's value model (which we drop) and takes 4 passes over each batch of samples (we take one).
-  2. `--missing-eos-penalty` (the authors' code: 1.0; ours: 0 by default) is subtracted from the raw score of
-     a sample that did not end with EOS, before normalization. A sample cut off at --max-new-tokens is scored
-     as it stands (the built-in task's are ungrammatical, 0).
+  2. `--missing-eos-penalty` (1.0, as in the authors' code) is subtracted from the raw score of a sample that did
+     not end with EOS, before normalization. A sample cut off at --max-new-tokens is scored as it stands (the
+     built-in task's are ungrammatical, 0).
+  3. No --temperature or --top-p: samples come from pi itself (T = 1), as rho, KL and s_theta assume (TRL: logits / T).
 
 The method: una_loss, and the lines marked "# ALGO LOGIC" (the targets s_phi, the log-ratios, the loss, the
 step). The rest is setup, data, checkpoints and logging, the same in every script.
@@ -113,12 +115,10 @@ class Args:
     """hub id or local path of a one-output sequence-classification reward model, instead of a --reward-fn"""
     reward_range: Optional[Tuple[float, float]] = None
     """LOW HIGH: min-max the raw score to [0, 1], clipped (None: sigmoid, as the authors' code; 0 1 for toy.task)"""
-    missing_eos_penalty: float = 0.0
-    """subtracted from the raw score of a sample that did not end with EOS (the authors' code uses 1.0)"""
-    temperature: float = 1.0
-    """sampling temperature (1: sample from the policy itself, which the KL estimate assumes)"""
-    top_p: float = 1.0
-    """nucleus sampling: keep the smallest set of tokens holding this probability (1: off)"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the raw score of a sample that did not end with EOS (the authors' code)"""
+    num_generations: int = 1
+    """G: completions sampled per prompt in one generate call (TRL's num_generations); batch sizes count completions"""
 
     # --- optimizer ---
     learning_rate: float = 1e-4
@@ -134,13 +134,13 @@ class Args:
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
-    """prompts sampled (one completion each) and trained on per forward pass on each process (a micro-batch)"""
+    """completions sampled and trained on per forward pass on each process (a micro-batch): per_device_batch_size / G prompts, G completions each"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated per optimizer step"""
     num_epochs: int = 6
     """passes over the training prompts"""
     max_steps: int = 0
-    """cap on optimizer steps (0: no cap, run num_epochs)"""
+    """cap on steps, each one global batch of samples (0: no cap, run num_epochs)"""
     max_prompt_length: int = 32
     """longest prompt in tokens; longer prompts keep their last tokens"""
 
@@ -164,7 +164,7 @@ class Args:
 
     # --- checkpoints ---
     save_every: int = 0
-    """write a checkpoint every this many optimizer steps (0: never)"""
+    """write a checkpoint every this many steps (0: never)"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
     resume_from: str = ""
@@ -222,12 +222,17 @@ if __name__ == "__main__":
     bf16 = args.bf16 if args.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     gradient_checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else on_gpu
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
-    unit, g = "prompts", "mse"  # g: the discrepancy of Eq. 9, the squared error online
+    G = args.num_generations  # completions per prompt: a group
+    if G < 1 or args.per_device_batch_size % G:
+        raise SystemExit(f"--per-device-batch-size ({args.per_device_batch_size}) counts completions: it must be a "
+                         f"multiple of --num-generations ({G}), so that every process holds whole groups")
+    unit, g = "completions", "mse"  # g: the discrepancy of Eq. 9, the squared error online
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
-    if not (args.reward_fn or args.reward_model) and not args.dataset.startswith("toy/"):
-        raise SystemExit(f"--dataset {args.dataset} is not the built-in task, whose reward function is the default: "
-                         "give a --reward-model or a --reward-fn module:function")
+    if not (args.reward_fn or args.reward_model) and not args.dataset.startswith("toy/data/prompts"):
+        raise SystemExit(f"--dataset {args.dataset} has no default reward (toy.task:rewards is the built-in review "
+                         "task's, for toy/data/prompts): give a --reward-model or a --reward-fn module:function "
+                         "(toy.arithmetic:reward for the built-in arithmetic task)")
     print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} {unit}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
@@ -241,19 +246,24 @@ if __name__ == "__main__":
     train_source, eval_source = f"{args.dataset} [{args.train_split}]", f"{args.dataset} [{args.eval_split or 'test'}]"
     train_examples = tokenize_examples(tokenizer, train_rows, fields, **lengths, source=train_source)
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
-    batches_per_epoch = len(train_examples) // global_batch_size
+    batches_per_epoch = len(train_examples) // (global_batch_size // G)
     if batches_per_epoch == 0:
-        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size}")
+        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of "
+                         f"{global_batch_size // G} prompts ({global_batch_size} {unit}, {G} per prompt)")
     total_steps = batches_per_epoch * args.num_epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
-    leftover = len(train_examples) - batches_per_epoch * global_batch_size
+    leftover = len(train_examples) - batches_per_epoch * (global_batch_size // G)
     print0(
-        f"{len(train_examples)} training {unit}, {batches_per_epoch} steps per epoch, {total_steps} steps"
-        + (f"; each epoch's last {leftover} {unit} (drawn anew each epoch) wait for the next epoch" if leftover else "")
+        f"{len(train_examples)} training prompts, {G} completion(s) each, {batches_per_epoch} steps per epoch, "
+        f"{total_steps} steps" + (f"; each epoch's last {leftover} prompts (drawn anew each epoch) wait for the next "
+                                  "epoch" if leftover else "")
     )
 
     # ------------------------------------------------------------------ models
+    # the explicit reward first: a --reward-fn that cannot be imported stops the run before the models load
+    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
+                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
     # itself with its adapter switched off (peft's disable_adapter), which is the base model
     policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)
@@ -285,9 +295,6 @@ if __name__ == "__main__":
     elif world_size > 1:  # DDP: every process holds the whole policy, and backward averages the gradients
         policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
     model = policy.module if isinstance(policy, DDP) else policy  # the policy without DDP's wrapper
-    # the explicit reward: --reward-fn or --reward-model (whole on every rank: it only scores), and its s_phi
-    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
-                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup_steps = int(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, warmup_steps, total_steps))
@@ -300,14 +307,14 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def sample_and_score(examples, prompts):
-        """One completion sampled per prompt from the current policy, as a padded batch on the device with the
-        samples' raw "scores" (B,), "s_phi" (B,), "reference_logps" (B,), "ended" (B,) and their texts."""
+        """One completion sampled per row (a prompt repeated G times gets G) from the current policy, as a padded batch
+        on the device with the samples' raw "scores" (B,), "s_phi" (B,), "reference_logps" (B,), "ended" (B,) and
+        their texts."""
         generate_start = time.time()
         prompt_ids = [e["prompt_ids"] for e in examples]
         model.eval()  # no dropout, and the KV cache works with gradient checkpointing
         with autocast:  # under FSDP, a rank whose samples all ended keeps stepping with the others (synced_gpus)
-            completion_ids, ended = generate(model, tokenizer, prompt_ids, args.max_new_tokens, device,
-                                             temperature=args.temperature, top_p=args.top_p)  # each cut after EOS
+            completion_ids, ended = generate(model, tokenizer, prompt_ids, args.max_new_tokens, device)  # cut after EOS
         model.train()
         score_start = time.time()
         scores, s_phi = scorer(prompts, prompt_ids, completion_ids, ended)  # (B,), (B,)
@@ -362,11 +369,13 @@ if __name__ == "__main__":
         return save_checkpoint(args.output_dir, step, args.keep_checkpoints, tokenizer,
                                models, optimizer, scheduler, args)
 
-    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size, args.seed, step, total_steps):
+    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size // G, args.seed, step,
+                                                 total_steps):  # fmt: skip
         step_start = time.time()
         sums, samples = {}, []  # named sums over this rank's samples of the step, then over the ranks; the samples
         for micro_step in range(args.gradient_accumulation_steps):
-            indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size)
+            indices = micro_batch(batch_indices, micro_step, rank, world_size, args.per_device_batch_size // G)
+            indices = [i for i in indices for _ in range(G)]  # G completions per prompt, sampled in one generate call
             # ALGO LOGIC: sample y ~ pi(.|x) for this micro-batch's prompts, score each sample: s_phi
             batch = sample_and_score([train_examples[i] for i in indices], [train_rows[i]["prompt"] for i in indices])
             samples.append(batch)

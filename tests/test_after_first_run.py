@@ -82,21 +82,27 @@ def test_resume_with_a_changed_beta_and_checkpointing_applies_them(dpo_run, beta
 
 
 def test_ppo_resume_with_a_changed_learning_rate_applies_it_to_the_value_model_too(tmp_path):
-    # resumed at learning rate 0, neither the policy nor the value model may move: each of the second batch's
-    # 2 PPO epochs x 2 mini-batches then sees the same weights, so epoch 2 repeats epoch 1's numbers exactly
-    args = ["--per-device-batch-size", "8", "--sample-prompts", "0", "--eval-split", ""]
-    run_script("ppo.py", args + ["--max-steps", "4", "--save-every", "4", "--output-dir", str(tmp_path / "full")])
-    checkpoint = tmp_path / "full" / "checkpoints" / "step-00000004"
-    resumed, log = run_script("ppo.py", args + ["--max-steps", "8", "--learning-rate", "0", "--resume-from",
+    # resumed at learning rate 0 for one more step (one batch of samples, 8 optimizer steps), neither the policy nor
+    # the value model may move: the value model of the resumed run's checkpoint is the one it resumed from, exactly
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    args = ["--per-device-batch-size", "8", "--sample-prompts", "0", "--eval-split", "", "--save-every", "1"]
+    run_script("ppo.py", args + ["--max-steps", "1", "--output-dir", str(tmp_path / "full")])
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-00000001"
+    resumed, log = run_script("ppo.py", args + ["--max-steps", "2", "--learning-rate", "0", "--resume-from",
                                                 str(checkpoint), "--output-dir", str(tmp_path / "r")])  # fmt: skip
     assert "learning_rate 0.0001 -> 0.0" in log and "the next step's rate is 0" in log
-    assert [(r["step"], r["learning_rate"]) for r in resumed] == [(5, 0.0), (6, 0.0), (7, 0.0), (8, 0.0)]
-    for key in ("value_loss", "value", "loss"):
-        assert [resumed[2][key], resumed[3][key]] == [resumed[0][key], resumed[1][key]], key
-    from safetensors.torch import load_file
-
+    assert [(r["step"], r["learning_rate"]) for r in resumed] == [(2, 0.0)]
     a, b = load_file(checkpoint / "policy" / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    values = []
+    for folder in (checkpoint, tmp_path / "r" / "checkpoints" / "step-00000002"):
+        dcp_to_torch_save(folder / "state", tmp_path / "state.pt")  # the checkpoint's weights in one file
+        values.append(torch.load(tmp_path / "state.pt")["value"]["model"])
+    assert len(values[0]) > 0 and values[0].keys() == values[1].keys()
+    assert all(torch.equal(values[0][k], values[1][k]) for k in values[0])
+    assert resumed[0]["value_loss"] > 0 and resumed[0]["approx_kl"] == 0  # it trained on a batch, with no update
 
 
 def saved_checkpoint(root, args):

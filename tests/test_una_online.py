@@ -173,7 +173,11 @@ def runs(tmp_path_factory):
                                  "--max-steps", "2", "--per-device-batch-size", "8", "--eval-split", "", "--log-samples-every", "1",
                                  "--max-new-tokens", "7"]),  # some samples end within 7 tokens, some do not: the penalty applies
         "outside": ("una_online.py", ["--dataset", str(prompts)]),
-        "greedy": ("una_online.py", GREEDY + ["--reward-fn", f"{root / 'chars.py'}:count", "--per-device-batch-size", "8"]),
+        "greedy": (GREEDY_RUN, ["una_online.py"] + GREEDY + ["--reward-fn", f"{root / 'chars.py'}:count", "--per-device-batch-size", "16"]),
+        # 2 prompts x G = 4 completions per micro-batch, sampled (not greedy)
+        "groups": ("una_online.py", ["--num-generations", "4", "--per-device-batch-size", "8", "--max-steps", "1",
+                                     "--sample-prompts", "0", "--eval-split", "", "--log-samples-every", "1"]),
+        "split-group": ("una_online.py", ["--num-generations", "3", "--per-device-batch-size", "8"]),
     }, root)  # fmt: skip
     found["chars"] = root / "chars.py"
     return found
@@ -219,6 +223,8 @@ def test_short_run_with_the_builtin_reward(runs):
     assert first["loss"] == by_hand(0.25 - first["reward/mean"] + mean_square)
     # every step samples anew, for the next batch of prompts (and the policy has moved: s_theta is no longer 1/2)
     assert second["time/generate"] > 0 and first["time/generate"] > 0 and second["s_theta"] != 0.5
+    # G = 1: step 1 samples the first 8 prompts of training_batches' order, in that order
+    assert [s["prompt"] for s in step_samples(out, 1)] == first_batch_prompts(8)
     # held-out samples, one per row of the test split, every 2 steps and at the end
     assert 0 < second["eval/reward"] < 1 and math.isfinite(second["eval/kl"]) and "eval/reward" not in records[2]
     results = json.load(open(out / "eval.json"))
@@ -258,20 +264,53 @@ def test_data_outside_the_builtin_task_needs_a_reward_model(runs):
     assert "give a --reward-model or a --reward-fn" in run.log
 
 
-# greedy (--top-p 1e-6 keeps only the most likely token: the samples no longer depend on the per-rank seed), with a
-# reward that differs between the greedy samples (their number of characters, out of 0-64)
-GREEDY = ["--top-p", "1e-6", "--max-steps", "3", "--sample-prompts", "0", "--learning-rate", "1e-4", "--reward-range", "0", "64"]
+def first_batch_prompts(global_batch_prompts, seed=1):
+    """The prompts of step 1's batch, in common.training_batches' order (the built-in task's training prompts)."""
+    from common import load_rows, training_batches
+
+    rows = load_rows("toy/data/prompts", "train", "prompts")
+    _, indices = next(training_batches(len(rows), global_batch_prompts, seed, 0, 1))
+    return [rows[i]["prompt"] for i in indices]
+
+
+def step_samples(folder, step):
+    return [s for s in map(json.loads, open(folder / "samples.jsonl")) if s["step"] == step and "policy" not in s]
+
+
+def test_groups_of_g_completions_per_prompt_sampled_in_one_call(runs):
+    # G = 4, 8 completions per micro-batch: step 1's first 2 prompts in training_batches' order, each 4 times in a
+    # row, and its 4 completions sampled independently (not one sample repeated)
+    samples = step_samples(runs["groups"].folder, 1)
+    p0, p1 = first_batch_prompts(2)
+    assert [s["prompt"] for s in samples] == [p0] * 4 + [p1] * 4
+    assert all(len({s["completion"] for s in samples[g * 4 : g * 4 + 4]}) > 1 for g in range(2))
+    # the metrics count completions: 8 per step
+    assert "global batch 8 completions" in runs["groups"].log
+    run = runs["split-group"]
+    assert run.code != 0 and "Traceback" not in run.log
+    assert "--per-device-batch-size (8) counts completions: it must be a multiple of --num-generations (3)" in run.log
+
+
+# greedy samples (tests/greedy.py: the samples no longer depend on the per-rank seed), G = 4 completions per prompt,
+# with a reward that differs between the greedy samples (their number of characters, out of 0-64)
+GREEDY_RUN = str(REPO / "tests" / "greedy.py")
+GREEDY = ["--num-generations", "4", "--max-steps", "3", "--sample-prompts", "0", "--learning-rate", "1e-4",
+          "--reward-range", "0", "64", "--log-samples-every", "1"]  # fmt: skip
 
 
 def test_two_processes_match_one_process_with_greedy_samples(tmp_path, runs):
-    # 2 ranks x 4 prompts train like 1 rank x 8 prompts, and the held-out evaluation (96 rows: 12 batches of 8, or
-    # 12 of 4 on each of 2 ranks) agrees
+    # 2 ranks x 2 prompts x G = 4 train like 1 rank x 4 prompts x 4, and the held-out evaluation (96 rows: 6
+    # batches of 16, or 6 of 8 on each of 2 ranks) agrees
     from conftest import assert_same_updates
 
     one = runs["greedy"].records
-    two, _ = run_script("una_online.py", GREEDY + ["--reward-fn", f"{runs['chars']}:count", "--per-device-batch-size", "4",
-                                                   "--output-dir", str(tmp_path / "2")], nproc=2)  # fmt: skip
+    two, _ = run_script(GREEDY_RUN, ["una_online.py"] + GREEDY + ["--reward-fn", f"{runs['chars']}:count",
+                        "--per-device-batch-size", "8", "--output-dir", str(tmp_path / "2")], nproc=2)  # fmt: skip
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 3]
+    # each prompt's group on one rank: rank 0 (whose samples are logged) holds step 1's first 2 prompts, 4 times each
+    p = first_batch_prompts(4)
+    assert [s["prompt"] for s in step_samples(tmp_path / "2", 1)] == [p[0]] * 4 + [p[1]] * 4
+    assert [s["prompt"] for s in step_samples(runs["greedy"].folder, 1)] == [q for q in p for _ in range(4)]
     assert one[0]["reward/std"] > 0.05  # s_phi differs between samples
     # the same greedy samples, so the same integer scores and lengths: exact
     for key in ("reward/mean", "reward/std", "completion_length"):
