@@ -113,13 +113,16 @@ class Args:
     beta: float = 0.04
     """weight of the KL penalty (Eq. 3): larger stays closer; alone it moves a group of equal rewards (paper: 0.04)"""
     reward_fn: str = ""
-    """module:function or file.py:function, f(prompts, completions) -> floats ('': the task's toy.task:rewards)"""
+    """module:function or file.py:function, f(prompts, completions) -> one float per completion: the prompts as the
+    dataset gives them, a completion as text, or for a message-list prompt [{"role": "assistant", "content": text}]
+    ('': the built-in task's toy.task:rewards)"""
     reward_model: str = ""
     """hub id or local path of a one-output sequence-classification reward model, instead of a --reward-fn"""
     reward_range: Optional[Tuple[float, float]] = None
-    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: sigmoid, as the authors' code; 0 1 for toy.task)"""
+    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: a --reward-fn's scores must lie in [0, 1] and are
+    used as they are; a --reward-model's output goes through a sigmoid, as the authors' code)"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the raw score of a sample that did not end with EOS (the authors' code uses 1.0)"""
+    """subtracted from the raw score of a sample that did not end with EOS (the UNA authors' code; N+'s EOS trick)"""
     num_generations: int = 4
     """G: completions sampled per prompt in one generate call (TRL's num_generations); batch sizes count completions"""
     epsilon: float = 0.2
@@ -139,13 +142,14 @@ class Args:
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
-    """completions sampled and trained on per forward pass on each process (a micro-batch): per_device_batch_size / G prompts, G completions each"""
+    """completions sampled and trained on per forward pass on each process (a micro-batch): per_device_batch_size / G
+    prompts, G completions each"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated per optimizer step"""
     num_epochs: int = 1
     """passes over the training prompts"""
     max_steps: int = 0
-    """cap on optimizer steps (0: no cap, run num_epochs)"""
+    """cap on steps, each one global batch of samples (0: no cap, run num_epochs)"""
     max_prompt_length: int = 32
     """longest prompt in tokens; longer prompts keep their last tokens"""
 
@@ -169,7 +173,7 @@ class Args:
 
     # --- checkpoints ---
     save_every: int = 0
-    """write a checkpoint every this many optimizer steps (0: never)"""
+    """write a checkpoint every this many steps (0: never)"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <output_dir>/checkpoints"""
     resume_from: str = ""
@@ -251,14 +255,14 @@ if __name__ == "__main__":
                          f"multiple of --num-generations ({G}), so that every process holds whole groups")
     if G < 2:
         raise SystemExit(f"--num-generations {G}: GRPO compares each completion with the others of its prompt, G >= 2")
-    unit = "prompts"
+    unit = "completions"
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
     if not (args.reward_fn or args.reward_model) and not args.dataset.startswith("toy/data/prompts"):
         raise SystemExit(f"--dataset {args.dataset} has no default reward (toy.task:rewards is the built-in review "
                          "task's, for toy/data/prompts): give a --reward-model or a --reward-fn module:function "
                          "(toy.arithmetic:reward for the built-in arithmetic task)")
-    print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} completions")
+    print0(f"{world_size} process(es) on {device.type}, bf16 {bf16}, global batch {global_batch_size} {unit}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # weights and optimizer stay fp32
 
     # ------------------------------------------------------------------ data
@@ -273,14 +277,16 @@ if __name__ == "__main__":
     eval_examples = tokenize_examples(tokenizer, eval_rows, fields, **lengths, source=eval_source)
     batches_per_epoch = len(train_examples) // (global_batch_size // G)
     if batches_per_epoch == 0:
-        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of {global_batch_size // G}")
+        raise SystemExit(f"{train_source}: {len(train_examples)} rows, less than a global batch of "
+                         f"{global_batch_size // G} prompts ({global_batch_size} {unit}, {G} per prompt)")
     total_steps = batches_per_epoch * args.num_epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     leftover = len(train_examples) - batches_per_epoch * (global_batch_size // G)
     print0(
-        f"{len(train_examples)} training {unit}, {batches_per_epoch} steps per epoch, {total_steps} steps"
-        + (f"; each epoch's last {leftover} {unit} (drawn anew each epoch) wait for the next epoch" if leftover else "")
+        f"{len(train_examples)} training prompts, {G} completion(s) each, {batches_per_epoch} steps per epoch, "
+        f"{total_steps} steps" + (f"; each epoch's last {leftover} prompts (drawn anew each epoch) wait for the next "
+                                  "epoch" if leftover else "")
     )
 
     # ------------------------------------------------------------------ models
@@ -330,8 +336,9 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def sample_and_score(examples, prompts):
-        """One completion sampled per prompt from the current policy, as a padded batch on the device with the
-        samples' raw "scores" (B,), "s_phi" (B,), "reference_logps" (B, T-1), "ended" (B,) and their texts."""
+        """One completion sampled per row (a prompt repeated G times gets G) from the current policy, as a padded batch
+        on the device with the samples' raw "scores" (B,), "s_phi" (B,), "reference_logps" (B, T-1), "ended" (B,) and
+        their texts."""
         generate_start = time.time()
         prompt_ids = [e["prompt_ids"] for e in examples]
         model.eval()  # no dropout, and the KV cache works with gradient checkpointing
@@ -391,7 +398,8 @@ if __name__ == "__main__":
         return save_checkpoint(args.output_dir, step, args.keep_checkpoints, tokenizer,
                                models, optimizer, scheduler, args)
 
-    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size // G, args.seed, step, total_steps):
+    for epoch, batch_indices in training_batches(len(train_examples), global_batch_size // G, args.seed, step,
+                                                 total_steps):  # fmt: skip
         step_start = time.time()
         sums, samples = {}, []  # named sums over this rank's samples of the step, then over the ranks; the samples
         for micro_step in range(args.gradient_accumulation_steps):

@@ -50,7 +50,7 @@ number per sample (one that raises or returns anything else stops the run, namin
 
 Run:
     python ppo.py                                      # built-in task, CPU, a few minutes (3 epochs)
-    python ppo.py --reward-fn my_rewards.py:score --reward-range 0 1 --dataset my_prompts.jsonl
+    python ppo.py --reward-fn my_rewards.py:score --dataset my_prompts.jsonl
     torchrun --nproc_per_node 8 ppo.py --model-name Qwen/Qwen2-1.5B-Instruct \\
         --dataset trl-lib/ultrafeedback-prompt --reward-model Ray2333/GRM-Gemma-2B-rewardmodel-ft \\
         --beta 0.05 --learning-rate 3e-6 --per-device-batch-size 8 --max-new-tokens 256 \\
@@ -123,13 +123,16 @@ class Args:
     beta: float = 0.05
     """coefficient of the per-token KL penalty to the reference in the reward: larger stays closer"""
     reward_fn: str = ""
-    """module:function or file.py:function, f(prompts, completions) -> floats ('': the task's toy.task:rewards)"""
+    """module:function or file.py:function, f(prompts, completions) -> one float per completion: the prompts as the
+    dataset gives them, a completion as text, or for a message-list prompt [{"role": "assistant", "content": text}]
+    ('': the built-in task's toy.task:rewards)"""
     reward_model: str = ""
     """hub id or local path of a one-output sequence-classification reward model, instead of a --reward-fn"""
     reward_range: Optional[Tuple[float, float]] = None
-    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: sigmoid; 0 1 for toy.task:rewards)"""
+    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: a --reward-fn's scores must lie in [0, 1] and are
+    used as they are; a --reward-model's output goes through a sigmoid, as the authors' code)"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the raw score of a sample that did not end with EOS (N+'s EOS trick)"""
+    """subtracted from the raw score of a sample that did not end with EOS (the UNA authors' code; N+'s EOS trick)"""
     num_generations: int = 1
     """G: completions sampled per prompt in one generate call (TRL's num_generations); batch sizes count completions"""
     ppo_epochs: int = 4
@@ -161,7 +164,8 @@ class Args:
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
-    """completions sampled and trained on per forward pass on each process (a micro-batch): per_device_batch_size / G prompts, G completions each"""
+    """completions sampled and trained on per forward pass on each process (a micro-batch): per_device_batch_size / G
+    prompts, G completions each"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated per optimizer step"""
     num_epochs: int = 3

@@ -16,10 +16,11 @@ change" (a score of 5.5 on a 1-10 scale, for example).
 
 Online, for each batch of prompts: sample --num-generations G completions y ~ pi(.|x) per prompt (1 by
 default; the batch sizes count completions), score each sample with a --reward-fn (any Python function) or a
---reward-model, take s_phi = the score min-maxed from --reward-range LOW HIGH into [0, 1], clipped, or with no
-range sigmoid(score) (the paper says only "normalized"; the sigmoid is the authors' code's, una_peft.py), and take
-one step with g = (s_theta - s_phi)^2 (Eq. 13). PPO's job with no value model, no advantages, no clipping: the
-KL to ref is controlled only through beta.
+--reward-model, take s_phi in [0, 1]: a function's score as it is (it must lie in [0, 1]), a reward model's
+sigmoid(score) (the paper says only "normalized"; the sigmoid is the authors' code's, una_peft.py), or with
+--reward-range LOW HIGH the score min-maxed into [0, 1], clipped; and take one step with g = (s_theta - s_phi)^2
+(Eq. 13). PPO's job with no value model, no advantages, no clipping: the KL to ref is controlled only through
+beta.
 
 The paper prints a minus before the squared error of Eq. 11 and of Eq. 13: typos (the authors' code minimizes the
 positive squared error, as here). How this script departs from the paper and the authors' code:
@@ -110,13 +111,16 @@ class Args:
     beta: float = 3.0
     """strength of the KL penalty to the reference: larger stays closer (the paper: 0.03)"""
     reward_fn: str = ""
-    """module:function or file.py:function, f(prompts, completions) -> floats ('': the task's toy.task:rewards)"""
+    """module:function or file.py:function, f(prompts, completions) -> one float per completion: the prompts as the
+    dataset gives them, a completion as text, or for a message-list prompt [{"role": "assistant", "content": text}]
+    ('': the built-in task's toy.task:rewards)"""
     reward_model: str = ""
     """hub id or local path of a one-output sequence-classification reward model, instead of a --reward-fn"""
     reward_range: Optional[Tuple[float, float]] = None
-    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: sigmoid, as the authors' code; 0 1 for toy.task)"""
+    """LOW HIGH: min-max the raw score to [0, 1], clipped (None: a --reward-fn's scores must lie in [0, 1] and are
+    used as they are; a --reward-model's output goes through a sigmoid, as the authors' code)"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the raw score of a sample that did not end with EOS (the authors' code)"""
+    """subtracted from the raw score of a sample that did not end with EOS (the UNA authors' code; N+'s EOS trick)"""
     num_generations: int = 1
     """G: completions sampled per prompt in one generate call (TRL's num_generations); batch sizes count completions"""
 
@@ -134,7 +138,8 @@ class Args:
 
     # --- batch sizes: global batch = per_device_batch_size * world_size * gradient_accumulation_steps ---
     per_device_batch_size: int = 32
-    """completions sampled and trained on per forward pass on each process (a micro-batch): per_device_batch_size / G prompts, G completions each"""
+    """completions sampled and trained on per forward pass on each process (a micro-batch): per_device_batch_size / G
+    prompts, G completions each"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated per optimizer step"""
     num_epochs: int = 6

@@ -62,9 +62,9 @@ def test_demonstrator_noise_is_as_designed():
 
 
 def test_data_files_are_reproduced_and_hold_out_their_pairs(tmp_path):
-    from toy.make_arithmetic import SIZES, main
+    from toy.make_arithmetic import SIZES, write_files
 
-    main(tmp_path)
+    write_files(tmp_path)
     for kind in SIZES:
         for split in ("train", "test"):
             committed = REPO / "toy" / "data" / kind / f"{split}.jsonl"

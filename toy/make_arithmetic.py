@@ -29,7 +29,7 @@ SIZES = {  # rows per split: (train, test)
 }
 
 
-def make_rows(kind, prompts, n, rng):
+def arithmetic_rows(kind, prompts, n, rng):
     if kind == "arithmetic-prompts":  # every prompt in turn: each is asked about as often
         return [{"prompt": prompts[i % len(prompts)]} for i in range(n)]
     rows = []
@@ -39,7 +39,7 @@ def make_rows(kind, prompts, n, rng):
     return rows
 
 
-def main(out=Path(__file__).resolve().parent / "data"):
+def write_files(out=Path(__file__).resolve().parent / "data"):
     """Write every file under `out` (toy/data; tests write a copy elsewhere and compare)."""
     train_prompts, test_prompts = ([make_prompt(a, b) for a, b in pairs] for pairs in split_pairs())
     for kind, (n_train, n_test) in SIZES.items():
@@ -48,10 +48,10 @@ def main(out=Path(__file__).resolve().parent / "data"):
             path = out / kind / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w") as f:
-                for row in make_rows(kind, prompts, n, rng):
+                for row in arithmetic_rows(kind, prompts, n, rng):
                     f.write(json.dumps(row) + "\n")
             print(f"wrote {n:5d} rows to {path}")
 
 
 if __name__ == "__main__":
-    main()
+    write_files()
