@@ -15,6 +15,7 @@ import errno
 import importlib
 import importlib.util
 import json
+import inspect
 import math
 import numbers
 import os
@@ -241,7 +242,9 @@ class Scorer:
             if isinstance(completions[0], list):
                 received += " (a list of messages: its text is completions[i][0]['content'])"
         if self.first_call:  # what the reward received: a function written for strings that gets messages shows here
-            print0(f"{self.name}, first call: {received} -> {round(scores[0].item(), 6)}")
+            same = f"; all {len(scores)} scores of this batch are {scores[0].item():g}" if len(scores) > 1 and (
+                scores == scores[0]).all() else ""  # a constant reward teaches nothing (GRPO's advantages are all 0)
+            print0(f"{self.name}, first call: {received} -> {round(scores[0].item(), 6)}{same}")
             self.first_call = False
         return scores
 
@@ -368,6 +371,15 @@ def load_reward_fn(spec):
         kind = type(reward_fn).__name__
         what = "" if reward_fn is None else f" ({function_name} there is a{'n' * (kind[0] in 'aeiou')} {kind})"
         raise SystemExit(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}{what}; {hint}")
+    try:  # called as f(prompts, completions): say so now rather than blame a row of the first batch
+        inspect.signature(reward_fn).bind(None, None)
+    except TypeError:
+        raise SystemExit(f"--reward-fn {spec!r}: {function_name}{inspect.signature(reward_fn)} cannot be called as "
+                         f"{function_name}(prompts, completions), the two lists this takes positionally (a TRL reward "
+                         "function, f(completions, **kwargs), needs a wrapper: def f(prompts, completions): return "
+                         "g(completions=completions, prompts=prompts))")
+    except ValueError:  # no signature to read (a builtin): the first call tells
+        pass
     return reward_fn
 
 
@@ -417,9 +429,9 @@ def reward_fn_scores(reward_fn, spec, prompts, completions):
         raise SystemExit(f"--reward-fn {spec}: returned {got} for a batch of {len(prompts)} rows; "
                          "it must return one score per completion")
     for i, score in enumerate(scores):
-        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+        if not isinstance(score, numbers.Real) or not math.isfinite(score):  # bools count: True is 1
             raise SystemExit(f"--reward-fn {spec}: returned {score!r} for row {i} of the batch "
-                             f"{row_repr(prompts[i], completions[i])}; each score must be a finite int or float")
+                             f"{row_repr(prompts[i], completions[i])}; each score must be a finite number (int, float or bool)")
     return torch.tensor([float(score) for score in scores])  # (B,)
 
 

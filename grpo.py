@@ -21,6 +21,7 @@ function) or a --reward-model, take r = s_phi, the score normalized into [0, 1] 
   1. One optimizer step per batch of samples (the paper's mu = 1, its setting in Sec. 4.2, and TRL's default
      num_iterations = 1): pi_old is the policy that sampled, so ratio_t = 1, the clip never acts (clip_fraction is
      0) and the gradient is A_i grad log pi(y_t|.) plus the KL's. grpo_loss takes any pi_old (tested with ratio != 1).
+     The loss printed is about 0 (each group's advantages sum to 0); its gradient is not.
   2. std is the unbiased one (Bessel's G - 1, torch.std's, as TRL, OpenRLHF and verl), plus 1e-4 (TRL's); G >= 2.
   3. The loss is the paper's per-sequence mean (Eq. 3): each completion's mean over its tokens, then the mean over
      completions. Dr. GRPO (Liu et al. 2025, arXiv 2503.20783) and DAPO (Yu et al. 2025, 2503.14476) take the mean
@@ -251,8 +252,9 @@ if __name__ == "__main__":
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     G = args.num_generations  # completions per prompt: a group
     if G < 1 or args.per_device_batch_size % G:
-        raise SystemExit(f"--per-device-batch-size ({args.per_device_batch_size}) counts completions: it must be a "
-                         f"multiple of --num-generations ({G}), so that every process holds whole groups")
+        raise SystemExit(f"--num-generations ({G}) must be 1 or more, and --per-device-batch-size "
+                         f"({args.per_device_batch_size}), which counts completions, a multiple of it: every process "
+                         "holds whole groups")
     if G < 2:
         raise SystemExit(f"--num-generations {G}: GRPO compares each completion with the others of its prompt, G >= 2")
     unit = "completions"
@@ -267,6 +269,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
+    # the explicit reward first: a --reward-fn that cannot be imported stops the run before the data and models load
+    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
+                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     train_rows = load_rows(args.dataset, args.train_split, "prompts")  # the prompts; the completions are sampled
     no_eval = args.eval_split == ""
     eval_rows = [] if no_eval else load_rows(args.dataset, args.eval_split, "prompts")
@@ -290,9 +295,6 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    # the explicit reward first: a --reward-fn that cannot be imported stops the run before the models load
-    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
-                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
     # itself with its adapter switched off (peft's disable_adapter), which is the base model
     policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)

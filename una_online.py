@@ -229,8 +229,9 @@ if __name__ == "__main__":
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     G = args.num_generations  # completions per prompt: a group
     if G < 1 or args.per_device_batch_size % G:
-        raise SystemExit(f"--per-device-batch-size ({args.per_device_batch_size}) counts completions: it must be a "
-                         f"multiple of --num-generations ({G}), so that every process holds whole groups")
+        raise SystemExit(f"--num-generations ({G}) must be 1 or more, and --per-device-batch-size "
+                         f"({args.per_device_batch_size}), which counts completions, a multiple of it: every process "
+                         "holds whole groups")
     unit, g = "completions", "mse"  # g: the discrepancy of Eq. 9, the squared error online
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
@@ -243,6 +244,9 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------ data
     tokenizer = load_tokenizer(args.model_name)
+    # the explicit reward first: a --reward-fn that cannot be imported stops the run before the data and models load
+    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
+                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     train_rows = load_rows(args.dataset, args.train_split, "prompts")  # the prompts; the completions are sampled
     no_eval = args.eval_split == ""
     eval_rows = [] if no_eval else load_rows(args.dataset, args.eval_split, "prompts")
@@ -266,9 +270,6 @@ if __name__ == "__main__":
     )
 
     # ------------------------------------------------------------------ models
-    # the explicit reward first: a --reward-fn that cannot be imported stops the run before the models load
-    scorer = Scorer(tokenizer, device, reward_fn=args.reward_fn, reward_model=args.reward_model,
-                    reward_range=args.reward_range, missing_eos_penalty=args.missing_eos_penalty, bf16=bf16)
     # The policy trains. The reference is the frozen starting policy: a second copy of it, or with LoRA the policy
     # itself with its adapter switched off (peft's disable_adapter), which is the base model
     policy = load_model(args.model_name, device, args.dropout).train()  # (eval mode skips gradient checkpointing)

@@ -114,7 +114,7 @@ def test_the_first_call_prints_one_row_as_the_function_received_it_and_its_score
         prompt, completion = received[-1]
         assert capsys.readouterr().out == (f"reward function {path}:score, first call: score(prompts, completions) "
                                            f"got prompts[0] = {prompt!r} and completions[0] = {completion!r}{note} "
-                                           "-> 0.25\n")
+                                           "-> 0.25; all 2 scores of this batch are 0.25\n")
     assert completion == [{"role": "assistant", "content": "the pizza was great ."}]  # TRL's convention
     # long prompts are cut: the line stays one short line, with the start and the end of each text
     scorer = Scorer(tokenizer, CPU, reward_fn=f"{path}:score")
@@ -184,3 +184,23 @@ def test_a_reward_fn_that_cannot_be_imported_names_the_spec_and_a_close_name(tmp
     # a module in the current folder imports though the script's folder, not the current one, is on the path
     assert load_reward_fn("h3_rewards:other")(["p"], ["c"]) == [0.0]
     assert load_reward_fn("h3_rewards.py:score")(["p"], ["c"]) == [1.0]
+
+
+def test_a_function_that_cannot_take_prompts_and_completions_is_refused_at_load_and_bools_are_scores(tmp_path,
+                                                                                                     tokenizer, capsys,
+                                                                                                     monkeypatch):
+    # TRL's reward functions take keywords, f(completions, **kwargs): refused when loaded, naming the signature,
+    # instead of a TypeError blamed on row 0 of the first batch
+    path = write(tmp_path, "trl_style.py", "def reward(completions, **kwargs):\n    return [1.0] * len(completions)\n\n\n"
+                                           "def check(prompts, completions):\n"
+                                           "    return ['42' in c for c in completions]\n")  # fmt: skip
+    with pytest.raises(SystemExit) as error:
+        load_reward_fn(f"{path}:reward")
+    assert str(error.value).startswith(f"--reward-fn '{path}:reward': reward(completions, **kwargs) cannot be called "
+                                       "as reward(prompts, completions)")
+    # a checker returning True / False: the scores 1.0 / 0.0; a batch of equal scores is pointed out at the first call
+    monkeypatch.delenv("RANK", raising=False)
+    scorer = Scorer(tokenizer, CPU, reward_fn=f"{path}:check")
+    scores, s_phi = scorer(*batch(tokenizer, [PROMPT] * 2, ["the pizza .", "bad ."]), [True, True])
+    assert scores.tolist() == [0.0, 0.0] and s_phi.tolist() == [0.0, 0.0]
+    assert capsys.readouterr().out.endswith("-> 0.0; all 2 scores of this batch are 0\n")
