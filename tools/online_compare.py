@@ -53,9 +53,10 @@ from sweep import matched_difference, verdict  # noqa: E402  (the same reading a
 
 TASKS = {  # the starting policy, the prompts, the reward (the review task's is the scripts' default) and lengths
     "review": {"model": "toy/sft-policy", "dataset": "toy/data/prompts", "reward": [], "max_new_tokens": 32,
-               "batches": 62},
+               "batches": 62, "samples_per_prompt": 8},
     "arithmetic": {"model": "toy/arithmetic-sft-policy", "dataset": "toy/data/arithmetic-prompts",
-                   "reward": ["--reward-fn", "toy.arithmetic:reward"], "max_new_tokens": 4, "batches": 125},
+                   "reward": ["--reward-fn", "toy.arithmetic:reward"], "max_new_tokens": 4, "batches": 125,
+                   "samples_per_prompt": 32},
 }  # fmt: skip
 LABELS = {"una_online": "online UNA", "grpo": "GRPO", "ppo": "PPO"}
 
@@ -79,10 +80,13 @@ class Args:
     """peak learning rate of every run (the scripts' default)"""
     per_device_batch_size: int = 32
     """completions per batch of samples: 32 / G prompts x G"""
-    samples_per_prompt: int = 8
-    """completions per held-out prompt in each run's end-of-run evaluation (24 prompts)"""
+    samples_per_prompt: int = 0
+    """completions per held-out prompt in each run's end-of-run evaluation of 24 prompts (0: the task's own: review 8,
+    arithmetic 32, whose completions are 4 tokens at most)"""
     jobs: int = 2
     """runs at a time (each one process, OMP_NUM_THREADS from the environment)"""
+    benchmark: bool = True
+    """also the benchmark runs, one at a time after the others (False: skip them)"""
     bench_batches: int = 5
     """benchmark: batches of samples of each script (the first is left out of the times)"""
     bench_hidden_size: int = 512
@@ -111,7 +115,7 @@ def command(args, task, script, G, beta, seed, output_dir):
            *t["reward"], "--num-generations", G, "--beta", beta, "--seed", seed, "--learning-rate", args.learning_rate,
            "--per-device-batch-size", args.per_device_batch_size, "--num-epochs", 1000, "--max-steps", args.batches or t["batches"],
            "--max-new-tokens", t["max_new_tokens"], "--max-prompt-length", 32,
-           "--samples-per-prompt", args.samples_per_prompt, "--log-samples-every", 0, "--output-dir", output_dir]  # fmt: skip
+           "--samples-per-prompt", args.samples_per_prompt or t["samples_per_prompt"], "--log-samples-every", 0, "--output-dir", output_dir]  # fmt: skip
     return [str(c) for c in cmd]
 
 
@@ -195,8 +199,10 @@ if __name__ == "__main__":
         print("\n".join(" ".join(cmd) for _, cmd in commands + bench))
         sys.exit()
     seconds = run_all(args.jobs, commands)
-    bench_model, bench_parameters = write_bench_inputs(args, bench_dir)
-    seconds.update(run_all(1, bench))  # alone: nothing else of this tool runs beside a benchmark run
+    bench_parameters = None
+    if args.benchmark:
+        _, bench_parameters = write_bench_inputs(args, bench_dir)
+        seconds.update(run_all(1, bench))  # alone: nothing else of this tool runs beside a benchmark run
 
     runs = []
     for (name, cmd), (task, script, G, beta) in zip(commands, [g for g in grid for _ in args.seeds]):
@@ -228,7 +234,8 @@ if __name__ == "__main__":
             claims.append({"task": task, "a": a, "b": b, "matched": matched, "verdict": verdict(
                 ">", matched["range"]["difference"], matched["range"]["stderr"], len(matched["seeds"]))
                 if matched else "not shown: the KL ranges do not meet"})  # fmt: skip
-    benchmark = {s: benchmark_of(runs_dir / f"bench_{s}", args.per_device_batch_size) for s in ("una_online", "grpo", "ppo")}
+    benchmark = {s: benchmark_of(runs_dir / f"bench_{s}", args.per_device_batch_size)
+                 for s in ("una_online", "grpo", "ppo")} if args.benchmark else {}  # fmt: skip
     wall = time.time() - start
 
     # ------------------------------------------------------------------ figure: one panel per task
@@ -286,7 +293,7 @@ if __name__ == "__main__":
             lines.append(f"| {name} | {kl_ranges} | {m['range']['difference']:+.3f} +- {m['range']['stderr']:.3f} "
                          f"({len(m['seeds'])}) | {c['verdict']} |")
         lines.append("")
-    lines += [f"Benchmark: a random Llama of {bench_parameters / 1e6:.0f}M parameters, G = 4, "
+    lines += [] if not benchmark else [f"Benchmark: a random Llama of {bench_parameters / 1e6:.0f}M parameters, G = 4, "
               f"{args.per_device_batch_size} completions of {args.bench_new_tokens} tokens per batch, "
               f"{args.bench_batches} batches (the first left out), one process alone:", "",
               "| script | ms per sample | generate | score | train | peak memory (MiB) |",
@@ -294,7 +301,7 @@ if __name__ == "__main__":
     for s, b in benchmark.items():
         lines.append(f"| {s}.py | {b['ms_per_sample/step']:.1f} | {b['ms_per_sample/generate']:.1f} | "
                      f"{b['ms_per_sample/score']:.1f} | {b['ms_per_sample/train']:.1f} | {b['peak_memory_mb']:.0f} |")
-    lines.append(f"\n{len(runs)} runs + {len(bench)} benchmark runs in {wall / 60:.1f} min "
+    lines.append(f"\n{len(runs)} runs + {len(bench) if benchmark else 0} benchmark runs in {wall / 60:.1f} min "
                  f"(`OMP_NUM_THREADS=1 python tools/online_compare.py`, {args.jobs} at a time)")
     (output_dir / "online_compare.md").write_text("\n".join(lines) + "\n")
     with open(output_dir / "online_compare.json", "w") as f:
