@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 
 from toy import arithmetic
-from toy.arithmetic import EXACT_PROB, make_prompt, parse_prompt, reward, sample_completion, split_pairs
+from toy.arithmetic import MODES, make_prompt, parse_prompt, reward, sample_completion, split_pairs
 
 POLICY = REPO / "toy" / "arithmetic-sft-policy"
 
@@ -46,19 +46,39 @@ def test_checker_batch_through_the_reward_fn_path():
             reward([bad], ["42"])
 
 
+def habit(prompt, completion):
+    """The demonstrator's mode that wrote a completion, read back from its text by hand (None: no mode)."""
+    total, words = sum(parse_prompt(prompt)), completion.split(" ")
+    forms = {"exact": [str(total)], "twice": [str(total)] * 2, "dot": [str(total), "."], "equals": ["=", str(total)]}
+    for mode, form in forms.items():
+        if words == form:
+            return mode
+    if len(words) == 1 and words[0].isdigit() and abs(int(words[0]) - total) == 1:
+        return "near"
+    return None
+
+
+def within_binomial(count, n, p):
+    # a binomial count: 5 standard deviations (a false failure about once in 2 million runs per check)
+    return abs(count - p * n) <= 5 * math.sqrt(n * p * (1 - p))
+
+
 def test_demonstrator_noise_is_as_designed():
+    assert math.isclose(sum(MODES.values()), 1.0, rel_tol=1e-12)  # a distribution (sum of 5 floats: 1e-12 is ample)
+    assert MODES["exact"] == 0.5 and MODES["near"] <= 0.05  # half exact; near misses (pair-specific) only a little
     rng = random.Random(0)
     n = 20000
     prompts = [make_prompt(rng.randrange(20), rng.randrange(20)) for _ in range(n)] + ["0 + 0 =", "0 + 1 ="] * 500
-    exact, offsets = 0, set()
+    counts = {mode: 0 for mode in MODES}
     for prompt in prompts:
-        answer, total = int(sample_completion(prompt, rng)), sum(parse_prompt(prompt))
-        exact += answer == total
-        offsets.add(answer - total)
-        assert answer >= 0, prompt  # 0 + 0 = -1 is reflected, never written
-    # a binomial count with p = EXACT_PROB: 5 standard deviations (a false failure about once in 2 million runs)
-    assert abs(exact - EXACT_PROB * len(prompts)) <= 5 * math.sqrt(len(prompts) * EXACT_PROB * (1 - EXACT_PROB))
-    assert offsets == {-2, -1, 0, 1, 2}  # a miss is a near miss: off by 1 or 2, either way
+        completion = sample_completion(prompt, rng)
+        mode = habit(prompt, completion)
+        assert mode is not None, (prompt, completion)  # every completion is one of the designed habits
+        counts[mode] += 1
+        assert reward([prompt], [completion]) == [float(mode == "exact")]  # only the exact habit scores
+        assert all(w in (".", "=") or int(w) >= 0 for w in completion.split()), prompt  # 0 + 0 = -1 is never written
+    for mode, p in MODES.items():
+        assert within_binomial(counts[mode], len(prompts), p), (mode, counts)
 
 
 def test_data_files_are_reproduced_and_hold_out_their_pairs(tmp_path):
@@ -78,11 +98,12 @@ def test_data_files_are_reproduced_and_hold_out_their_pairs(tmp_path):
     for split, pairs in (("train", train_pairs), ("test", test_pairs)):
         asked = {parse_prompt(row["prompt"]) for row in prompts[split]}
         assert asked == set(pairs) == {parse_prompt(row["prompt"]) for row in sft[split]} | set(pairs), split
-    # the demonstrations: exact at the designed rate (binomial, 5 standard deviations), else off by 1 or 2
+    # the demonstrations: each habit at its designed rate (binomial, 5 standard deviations), nothing else
     rows = sft["train"]
-    exact = sum(reward([r["prompt"]], [r["completion"]])[0] for r in rows)
-    assert abs(exact - EXACT_PROB * len(rows)) <= 5 * math.sqrt(len(rows) * EXACT_PROB * (1 - EXACT_PROB))
-    assert all(0 < abs(int(r["completion"]) - sum(parse_prompt(r["prompt"]))) <= 2 for r in rows if r["completion"] != str(sum(parse_prompt(r["prompt"]))))
+    modes = [habit(r["prompt"], r["completion"]) for r in rows]
+    assert None not in modes
+    for mode, p in MODES.items():
+        assert within_binomial(modes.count(mode), len(rows), p), (mode, p, modes.count(mode))
     # every held-out answer is a word of the training rows: the scratch tokenizer (built from them) can write it
     words = {w for r in rows for w in (r["prompt"] + " " + r["completion"]).split()}
     assert {str(a + b) for a, b in test_pairs} <= words
@@ -105,7 +126,9 @@ def test_end_of_run_evaluation_scores_with_the_task_of_the_prompts():
     results = compare_policies(str(POLICY), str(POLICY), load_tokenizer(str(POLICY)), rows, **options)
     for name in ("starting_policy", "trained_policy"):
         assert results[name]["task"] == "toy.arithmetic" and results[name]["num_samples"] == 24
-        assert results[name]["grammatical"] >= 0.9  # its answers are numbers (the review task's grammar takes none)
+        # "grammatical" is "one number": every exact answer is one, and "22 ." / "= 22" / "22 22" are not (about
+        # a third of this policy's samples: all 24 being one number has a chance near 0.6 ** 24 = 5e-6)
+        assert results[name]["reward"] <= results[name]["grammatical"] < 1, results[name]
     for r in results["samples"]:  # each sample's reward recomputed: 1 for the one word a + b followed by EOS
         assert r["reward"] == float(r["ended"] and r["completion"].split() == [str(sum(parse_prompt(r["prompt"])))]), r
     assert compare_policies(str(POLICY), str(POLICY), None, [{"prompt": "hello"}], **options) == {}
@@ -135,3 +158,8 @@ def test_committed_sft_policy_matches_its_eval_json_and_readme():
     assert abs(rate - saved["trained_policy"]["reward"]) <= 4 * math.sqrt(2 * 0.25 / len(records)), (rate, saved)
     assert 0.2 <= rate <= 0.6  # imperfect, as the task wants: room for RL
     assert sum(r["ended"] for r in records) / len(records) >= 0.99  # it answers and stops
+    # the exact answer is in reach: most samples write the sum, exactly or in one of the demonstrator's wrong forms
+    # (a habit RL can unlearn on every prompt at once); 0.6 is over 4 standard deviations (0.018) below the 0.68 seen
+    in_reach = sum(r["ended"] and habit(r["prompt"], r["completion"]) in ("exact", "twice", "dot", "equals") for r in records)
+    assert in_reach / len(records) >= 0.6, in_reach / len(records)
+    assert in_reach / len(records) >= rate + 0.15  # and many of them in a wrong form: room for RL

@@ -14,9 +14,22 @@ whose value is the sum. So "22", " 22" and "22 " score 1, and "022" scores 1 too
 "twenty-two", "+22", "-22" and "" score 0. A checker that read a number out of longer text would
 let a policy pad its answers for free; sums are never negative, so no sign is accepted.
 
-`sample_completion` is the noisy demonstrator that the SFT data come from: it writes the exact sum
-with probability EXACT_PROB, else a near miss (the sum plus or minus 1 or 2, never below 0), so the
-SFT policy imitating it answers exactly about half the time and RL has room to raise the rate.
+`sample_completion` is the noisy demonstrator that the SFT data come from. Its errors are mostly
+global habits, the same on every prompt, so that RL can unlearn them across prompts while the exact
+sum stays in the policy's reach on pairs it never saw (the SFT policy writes it whenever it "tries"):
+
+    exact     "17 + 5 =" -> "22"      the sum                         MODES' probabilities: see MODES
+    twice     "17 + 5 =" -> "22 22"   the sum written twice
+    dot       "17 + 5 =" -> "22 ."    the sum, then a full stop (a wrong format)
+    equals    "17 + 5 =" -> "= 22"    an equals sign, then the sum (a wrong format)
+    near      "17 + 5 =" -> "21"      the sum plus or minus 1 (never below 0)
+
+A little near-miss noise remains, but only a little: a near miss is pair-specific (fixing it needs
+knowledge of that very sum, which a few visits per pair cannot teach); an earlier demonstrator whose
+every error was a near miss left online RL nothing it could learn in a few thousand samples.
+No habit writes another number first (copying an operand, say): tried, it blurred the number the
+SFT policy writes, so that on held-out pairs it missed the sum even when it "tried"; every habit
+here writes the sum, only in the wrong form.
 
 Held-out prompts: the operand pairs of the test split never occur in the training split (neither
 "a + b" nor "b + a"): see split_pairs.
@@ -25,9 +38,8 @@ Held-out prompts: the operand pairs of the test split never occur in the trainin
 import random
 import re
 
-MAX_OPERAND = 19  # operands 0..19: 400 ordered pairs, sums 0..38 (plus near misses up to 40)
-EXACT_PROB = 0.5  # chance that the demonstrator writes the exact sum
-NEAR_MISSES = (-2, -1, 1, 2)  # otherwise the sum plus one of these (reflected to stay >= 0)
+MAX_OPERAND = 19  # operands 0..19: 400 ordered pairs, sums 0..38 (plus near misses up to 39)
+MODES = {"exact": 0.5, "twice": 0.15, "dot": 0.15, "equals": 0.15, "near": 0.05}  # the demonstrator's habits
 PROMPT = re.compile(r"^([0-9]+) \+ ([0-9]+) =$")
 ANSWER = re.compile(r"^[0-9]+$")  # ASCII digits only (\d would also take other scripts' digits)
 
@@ -60,13 +72,31 @@ def reward(prompts, completions):
     return scores
 
 
-def sample_completion(prompt, rng):
-    """One completion from the noisy demonstrator: the exact sum with probability EXACT_PROB, else a near miss."""
-    total = sum(parse_prompt(prompt))
-    if rng.random() < EXACT_PROB:
+def write_mode(mode, a, b, rng):
+    """What the demonstrator writes for "a + b =" in a given mode (see the module docstring)."""
+    total = a + b
+    if mode == "exact":
         return str(total)
-    d = rng.choice(NEAR_MISSES)
-    return str(total + d if total + d >= 0 else total - d)  # 0 + 1 = -1 is reflected to 2: no negative numbers
+    if mode == "twice":
+        return f"{total} {total}"
+    if mode == "dot":
+        return f"{total} ."
+    if mode == "equals":
+        return f"= {total}"
+    if mode == "near":
+        d = rng.choice((-1, 1))
+        return str(total + d if total + d >= 0 else total - d)  # 0 + 0 = -1 is reflected to 1: no negative numbers
+    raise ValueError(f"no demonstrator mode {mode!r}; expected one of {list(MODES)}")
+
+
+def sample_mode(rng):
+    """One of MODES, drawn with its probability."""
+    return rng.choices(list(MODES), weights=list(MODES.values()))[0]
+
+
+def sample_completion(prompt, rng):
+    """One completion from the noisy demonstrator: a mode drawn from MODES, written for this prompt."""
+    return write_mode(sample_mode(rng), *parse_prompt(prompt), rng)
 
 
 def split_pairs(seed=0, num_test=24):

@@ -6,8 +6,9 @@ A file of its own rather than a flag of make_data.py: that file's rows are the r
 sizes, seeds and label models (pairwise, binary, score) have no meaning here; this task needs only
 demonstrations and prompts. Both files follow the same conventions (seeded per file, TRL formats):
 
-    arithmetic-sft/      {"prompt", "completion"}  demonstrations from the noisy demonstrator
-                         (toy.arithmetic.sample_completion: exact about half the time) for sft.py
+    arithmetic-sft/      {"prompt", "completion"}  demonstrations from the noisy demonstrator for sft.py
+                         (toy.arithmetic.sample_completion: exact half the time, else a habit that
+                         is the same on every prompt: "22 22", "22 .", "= 22"; near misses 5%)
     arithmetic-prompts/  {"prompt"}                prompts only, for the online methods
 
 The train split uses the 376 training pairs, the test split the 24 held-out pairs
