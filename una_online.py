@@ -14,13 +14,12 @@ LoRA adapter switched off. At the start pi = ref, so rho = 0 and s_theta = 0.5; 
 logit(s_phi). A target above 0.5 raises the completion's probability, below 0.5 lowers it, and 0.5 means "no
 change" (a score of 5.5 on a 1-10 scale, for example).
 
-Online, for each batch of prompts: sample --num-generations G completions y ~ pi(.|x) per prompt (1 by
-default; the batch sizes count completions), score each sample with a --reward-fn (any Python function) or a
---reward-model, take s_phi in [0, 1]: a function's score as it is (it must lie in [0, 1]), a reward model's
-sigmoid(score) (the paper says only "normalized"; the sigmoid is the authors' code's, una_peft.py), or with
---reward-range LOW HIGH the score min-maxed into [0, 1], clipped; and take one step with g = (s_theta - s_phi)^2
-(Eq. 13). PPO's job with no value model, no advantages, no clipping: the KL to ref is controlled only through
-beta.
+Online, for each batch of prompts: sample --num-generations G completions y ~ pi(.|x) per prompt (1 by default;
+the batch sizes count completions), score each with a --reward-fn (any Python function) or a --reward-model, take
+s_phi in [0, 1]: a function's score as it is (it must lie in [0, 1]), a reward model's sigmoid(score) (the paper
+says only "normalized"; the sigmoid is the authors' code's, una_peft.py), or with --reward-range LOW HIGH the score
+min-maxed into [0, 1], clipped; and take one step with g = (s_theta - s_phi)^2 (Eq. 13). PPO's job with no value
+model, no advantages, no clipping: the KL to ref is controlled only through beta.
 
 The paper prints a minus before the squared error of Eq. 11 and of Eq. 13: typos (the authors' code minimizes the
 positive squared error, as here). How this script departs from the paper and the authors' code:

@@ -9,14 +9,16 @@ so the same number of reward queries (--batches x --per-device-batch-size). Conf
     una_online.py, ppo.py             with --num-generations 1 (one sample per prompt: the UNA paper's setting)
 
 grpo.py needs G >= 2 (a group's spread is its signal). Each configuration runs at its own betas (what moves
-its KL: UNA's beta of the implicit reward, GRPO's k3 KL coefficient, PPO's per-token KL coefficient) and
-three seeds, as a user runs it (a subprocess, at most --jobs at a time), with its end-of-run evaluation: the
-true reward of the held-out prompts x --samples-per-prompt samples and the sampled KL to the starting policy.
+its KL: UNA's beta of the implicit reward, GRPO's k3 KL coefficient, PPO's per-token KL coefficient), online
+UNA and GRPO also at --high-learning-rate with their first beta (their betas alone keep them below the KL that
+PPO's reach in the same number of samples), and three seeds each, as a user runs it (a subprocess, at most --jobs
+at a time), with its end-of-run evaluation: the true reward of the held-out prompts x --samples-per-prompt
+samples and the sampled KL to the starting policy.
 The tasks: "review" (toy/data/prompts, reward toy.task:rewards in [0, 1]) and "arithmetic"
 (toy/data/arithmetic-prompts, the checker toy.arithmetic:reward: 1 for the exact answer, else 0).
 
 Read at matched KL, as tools/sweep.py reads the offline methods: for each seed, a configuration's curve is
-its betas' (KL, reward) points sorted by KL and joined piecewise linearly; A - B is averaged over the KL
+its settings' (KL, reward) points sorted by KL and joined piecewise linearly; A - B is averaged over the KL
 range both curves of that seed cover (nothing is extrapolated), then over the seeds; its standard error adds
 the seeds' spread and the sampling error in quadrature (sweep.matched_difference, sweep.verdict).
 
@@ -29,7 +31,7 @@ metrics.jsonl, first batch left out) and peak memory (RSS on CPU, CUDA's max all
 Writes online_compare.{png,json,md} to --output-dir.
 
 Run (from the repository root):
-    OMP_NUM_THREADS=1 python tools/online_compare.py                 # 90 runs + 3 benchmark runs
+    OMP_NUM_THREADS=1 python tools/online_compare.py                 # 108 runs + 3 benchmark runs
     python tools/online_compare.py --dry-run                         # the commands only
     python tools/online_compare.py --tasks arithmetic --batches 2 --seeds 1 2 --samples-per-prompt 2 \\
         --bench-batches 2 --bench-hidden-size 64 --output-dir /tmp/c --runs-dir /tmp/c/runs   # plumbing
@@ -78,6 +80,8 @@ class Args:
     arithmetic 125 x 32 = 4000)"""
     learning_rate: float = 1e-4
     """peak learning rate of every run (the scripts' default)"""
+    high_learning_rate: float = 3e-4
+    """online UNA's and GRPO's first beta also run at this rate: their betas alone stay below PPO's KL (0: skip)"""
     per_device_batch_size: int = 32
     """completions per batch of samples: 32 / G prompts x G"""
     samples_per_prompt: int = 0
@@ -104,15 +108,25 @@ class Args:
 
 
 def configurations(args):
-    """(script, G, betas) of every configuration compared."""
-    return [("una_online", 4, args.una_betas), ("grpo", 4, args.grpo_betas), ("ppo", 4, args.ppo_betas),
-            ("una_online", 1, args.una_betas), ("ppo", 1, args.ppo_betas)]  # fmt: skip
+    """(script, G, settings) of every configuration compared, a setting being (beta, learning rate)."""
+    def settings(betas, high=True):
+        return [(b, args.learning_rate) for b in betas] + ([(betas[0], args.high_learning_rate)]
+                                                           if high and args.high_learning_rate else [])  # fmt: skip
+
+    return [("una_online", 4, settings(args.una_betas)), ("grpo", 4, settings(args.grpo_betas)),
+            ("ppo", 4, settings(args.ppo_betas, high=False)), ("una_online", 1, settings(args.una_betas)),
+            ("ppo", 1, settings(args.ppo_betas, high=False))]  # fmt: skip
 
 
-def command(args, task, script, G, beta, seed, output_dir):
+def run_name(args, task, script, G, beta, lr, seed):
+    """The run's folder name (the learning rate in it only where it is not --learning-rate)."""
+    return f"{task}_{script}_G{G}_beta{beta:g}" + (f"_lr{lr:g}" if lr != args.learning_rate else "") + f"_seed{seed}"
+
+
+def command(args, task, script, G, beta, lr, seed, output_dir):
     t = TASKS[task]
     cmd = [sys.executable, str(REPO / f"{script}.py"), "--model-name", t["model"], "--dataset", t["dataset"],
-           *t["reward"], "--num-generations", G, "--beta", beta, "--seed", seed, "--learning-rate", args.learning_rate,
+           *t["reward"], "--num-generations", G, "--beta", beta, "--seed", seed, "--learning-rate", lr,
            "--per-device-batch-size", args.per_device_batch_size, "--num-epochs", 1000, "--max-steps", args.batches or t["batches"],
            "--max-new-tokens", t["max_new_tokens"], "--max-prompt-length", 32,
            "--samples-per-prompt", args.samples_per_prompt or t["samples_per_prompt"], "--log-samples-every", 0, "--output-dir", output_dir]  # fmt: skip
@@ -184,10 +198,10 @@ if __name__ == "__main__":
     start = time.time()
     runs_dir, output_dir = Path(args.runs_dir), Path(args.output_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    grid = [(task, script, G, beta) for task in args.tasks for script, G, betas in configurations(args) for beta in betas]
-    commands = [(f"{task}_{script}_G{G}_beta{beta:g}_seed{seed}", command(
-        args, task, script, G, beta, seed, runs_dir / f"{task}_{script}_G{G}_beta{beta:g}_seed{seed}"))
-        for task, script, G, beta in grid for seed in args.seeds]  # fmt: skip
+    grid = [(task, script, G, beta, lr) for task in args.tasks for script, G, settings in configurations(args)
+            for beta, lr in settings]  # fmt: skip
+    commands = [(run_name(args, *g, seed), command(args, *g, seed, runs_dir / run_name(args, *g, seed)))
+                for g in grid for seed in args.seeds]  # fmt: skip
     bench_dir = runs_dir / "bench"
     bench = [(f"bench_{script}", [sys.executable, str(REPO / f"{script}.py"), "--model-name", str(bench_dir / "model"),
               "--dataset", str(bench_dir / "prompts.jsonl"), "--eval-split", "", "--reward-fn",
@@ -205,20 +219,22 @@ if __name__ == "__main__":
         seconds.update(run_all(1, bench))  # alone: nothing else of this tool runs beside a benchmark run
 
     runs = []
-    for (name, cmd), (task, script, G, beta) in zip(commands, [g for g in grid for _ in args.seeds]):
+    for (name, cmd), (task, script, G, beta, lr) in zip(commands, [g for g in grid for _ in args.seeds]):
         results = json.load(open(Path(cmd[-1]) / "eval.json"))
         trained, start_policy = results["trained_policy"], results["starting_policy"]
         seed = int(cmd[cmd.index("--seed") + 1])
-        runs.append({"task": task, "method": script, "G": G, "beta": beta, "seed": seed, "command": " ".join(cmd),
+        runs.append({"task": task, "method": script, "G": G, "beta": beta, "learning_rate": lr, "seed": seed,
+                     "command": " ".join(cmd),
                      "wall_seconds": seconds.get(name), "train_seconds": results["train_seconds"],
                      "peak_memory_mb": results["peak_memory_mb"], "steps": results["steps"],
                      **{k: trained.get(k) for k in ("reward", "reward_stderr", "kl", "length")},
                      "starting_reward": start_policy["reward"]})  # fmt: skip
     summary, claims = [], []
-    for task, script, G, beta in grid:
-        group = [r for r in runs if (r["task"], r["method"], r["G"], r["beta"]) == (task, script, G, beta)]
+    for task, script, G, beta, lr in grid:
+        group = [r for r in runs if (r["task"], r["method"], r["G"], r["beta"], r["learning_rate"]) ==
+                 (task, script, G, beta, lr)]  # fmt: skip
         (reward, reward_sd), (kl, kl_sd) = mean_std([r["reward"] for r in group]), mean_std([r["kl"] for r in group])
-        summary.append({"task": task, "method": script, "G": G, "beta": beta, "reward": reward, "reward_sd": reward_sd,
+        summary.append({"task": task, "method": script, "G": G, "beta": beta, "learning_rate": lr, "reward": reward, "reward_sd": reward_sd,
                         "kl": kl, "kl_sd": kl_sd, "rewards": [r["reward"] for r in group], "kls": [r["kl"] for r in group],
                         "train_seconds": statistics.mean(r["train_seconds"] for r in group)})  # fmt: skip
     pairs = [(("una_online", 4), ("grpo", 4)), (("una_online", 4), ("ppo", 4)), (("una_online", 1), ("ppo", 1)),
@@ -254,7 +270,8 @@ if __name__ == "__main__":
             rows.sort(key=lambda s: s["kl"])
             for s in rows:
                 ax.scatter(s["kls"], s["rewards"], color=colors[script], alpha=0.25, s=10)
-                ax.annotate(f"{s['beta']:g}", (s["kl"], s["reward"]), textcoords="offset points", xytext=(4, 3),
+                label = f"{s['beta']:g}" + (f", lr {s['learning_rate']:g}" if s["learning_rate"] != args.learning_rate else "")
+                ax.annotate(label, (s["kl"], s["reward"]), textcoords="offset points", xytext=(4, 3),
                             fontsize=7)
             ax.errorbar([s["kl"] for s in rows], [s["reward"] for s in rows], xerr=[s["kl_sd"] for s in rows],
                         yerr=[s["reward_sd"] for s in rows], color=colors[script], marker="o" if G > 1 else "s",
@@ -274,11 +291,11 @@ if __name__ == "__main__":
     for task in args.tasks:
         starting = statistics.mean(r["starting_reward"] for r in runs if r["task"] == task)
         lines += [f"### {task} task", "",
-                  "| method | G | beta | true reward (mean +- sd over seeds) | per seed | KL (nats) | train s |",
-                  "| --- | --- | --- | --- | --- | --- | --- |", f"| starting policy | | | {starting:.3f} | | 0 | |"]  # fmt: skip
+                  "| method | G | beta | lr | true reward (mean +- sd over seeds) | per seed | KL (nats) | train s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |", f"| starting policy | | | | {starting:.3f} | | 0 | |"]  # fmt: skip
         for s in (s for s in summary if s["task"] == task):
             per_seed = " / ".join(f"{x:.3f}" for x in s["rewards"])
-            lines.append(f"| {LABELS[s['method']]} | {s['G']} | {s['beta']:g} | {s['reward']:.3f} +- "
+            lines.append(f"| {LABELS[s['method']]} | {s['G']} | {s['beta']:g} | {s['learning_rate']:g} | {s['reward']:.3f} +- "
                          f"{s['reward_sd']:.3f} | {per_seed} | {s['kl']:.2f} +- {s['kl_sd']:.2f} | "
                          f"{s['train_seconds']:.0f} |")
         lines += ["", "| A - B at matched KL | KL range (per seed) | difference +- s.e. (seeds) | verdict of A > B |",
