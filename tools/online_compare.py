@@ -260,7 +260,8 @@ if __name__ == "__main__":
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"una_online": "tab:blue", "grpo": "tab:green", "ppo": "tab:red"}
+    colors = {("una_online", 4): "tab:blue", ("grpo", 4): "tab:green", ("ppo", 4): "tab:red",
+              ("una_online", 1): "tab:cyan", ("ppo", 1): "tab:orange"}  # fmt: skip
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(6.5 * len(args.tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], args.tasks):
         starting = statistics.mean(r["starting_reward"] for r in runs if r["task"] == task)
@@ -269,12 +270,12 @@ if __name__ == "__main__":
             rows = [s for s in summary if (s["task"], s["method"], s["G"]) == (task, script, G)]
             rows.sort(key=lambda s: s["kl"])
             for s in rows:
-                ax.scatter(s["kls"], s["rewards"], color=colors[script], alpha=0.25, s=10)
+                ax.scatter(s["kls"], s["rewards"], color=colors[script, G], alpha=0.25, s=10)
                 label = f"{s['beta']:g}" + (f", lr {s['learning_rate']:g}" if s["learning_rate"] != args.learning_rate else "")
                 ax.annotate(label, (s["kl"], s["reward"]), textcoords="offset points", xytext=(4, 3),
                             fontsize=7)
             ax.errorbar([s["kl"] for s in rows], [s["reward"] for s in rows], xerr=[s["kl_sd"] for s in rows],
-                        yerr=[s["reward_sd"] for s in rows], color=colors[script], marker="o" if G > 1 else "s",
+                        yerr=[s["reward_sd"] for s in rows], color=colors[script, G], marker="o" if G > 1 else "s",
                         linestyle="-" if G > 1 else "--", capsize=3, label=f"{LABELS[script]}, G = {G}")  # fmt: skip
         ax.set_xlabel("KL(policy || starting policy), nats per sequence (sampled)")
         ax.set_ylabel("true reward (held-out prompts)")
