@@ -227,9 +227,10 @@ if __name__ == "__main__":
         del policy
 
     # ------------------------------------------------------------------ report
-    reward_name = f"true reward of the built-in task {task_of(prompts).name}"
     if args.reward_model or args.reward_fn:
         reward_name = f"mean score of {args.reward_model or args.reward_fn}"
+    else:
+        reward_name = f"true reward of the built-in task ({task_of(prompts).name})"
     print(f"\nreward: {reward_name}; KL: nats per sequence to {args.reference}; "
           f"win rate: against {args.reference}'s samples\n")
     print(format_table(results))

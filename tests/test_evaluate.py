@@ -81,7 +81,7 @@ def test_the_reference_against_itself(tmp_path):
     assert checkpoint["win_rate"] == reference["win_rate"] == 0.5  # the same seed draws the same samples
     assert checkpoint["reward"] == reference["reward"] and checkpoint["examples"] == reference["examples"]
     assert 0 < reference["reward"] <= 1 and 0 < reference["reward_stderr"] < 0.5 and reference["length"] > 3
-    assert results["args"]["samples_per_prompt"] == 4 and results["reward"] == "true reward of the built-in task"
+    assert results["args"]["samples_per_prompt"] == 4 and results["reward"] == "true reward of the built-in task (toy.task)"
     header = next(line for line in out.splitlines() if line.startswith("model"))
     assert header.split() == ["model", "reward", "+-", "KL", "(nats)", "win", "rate", "length"]
     assert sum(line.startswith("toy/sft-policy ") for line in out.splitlines()) == 2  # the reference row and the checkpoint row
@@ -185,3 +185,20 @@ def test_sweep_matched_difference_by_hand():
     assert verdict(">", 0.125, 0.01, num_seeds=1).startswith("not shown")
     assert verdict(">", 0.135, 0.0125).startswith("confirmed") and verdict(">", -0.1, 0.01).startswith("refuted")
     assert verdict(">", 0.01, 0.01).startswith("not shown") and verdict("=", 0.01, 0.01).startswith("confirmed")
+
+
+def test_the_arithmetic_tasks_prompts_are_scored_by_its_checker(tmp_path):
+    # evaluate.py picks the built-in task the prompts belong to (toy.evaluate.task_of): here the arithmetic one,
+    # whose reward is recomputed from each example: 1 when the completion, stripped, is the sum in digits
+    rc, out = run([
+        "evaluate.py", "--reference", "toy/arithmetic-sft-policy", "--dataset", "toy/data/arithmetic-prompts",
+        "--sample-prompts", "6", "--samples-per-prompt", "4", "--max-new-tokens", "4", "--output", str(tmp_path / "e.json"),
+    ])  # fmt: skip
+    assert rc == 0, out
+    results = json.load(open(tmp_path / "e.json"))
+    assert results["reward"] == "true reward of the built-in task (toy.arithmetic)"
+    examples = results["reference"]["examples"]
+    a_plus_b = [sum(int(x) for x in e["prompt"].rstrip(" =").split(" + ")) for e in examples]
+    assert [e["reward"] for e in examples] == [float(e["ended"] and e["completion"].strip() == str(s))
+                                               for e, s in zip(examples, a_plus_b)]  # fmt: skip
+    assert 0 < results["reference"]["reward"] < 1 and results["reference"]["num_samples"] == 24
