@@ -425,7 +425,7 @@ def reward_fn_scores(reward_fn, spec, prompts, completions):
                          f"{row}; its traceback above")
     scores = scores.tolist() if isinstance(scores, torch.Tensor) else scores
     if not hasattr(scores, "__len__") or len(scores) != len(prompts):
-        got = f"{len(scores)} scores" if hasattr(scores, "__len__") else repr(scores)
+        got = f"{len(scores)} score(s)" if hasattr(scores, "__len__") else repr(scores)
         raise SystemExit(f"--reward-fn {spec}: returned {got} for a batch of {len(prompts)} rows; "
                          "it must return one score per completion")
     for i, score in enumerate(scores):

@@ -252,9 +252,8 @@ if __name__ == "__main__":
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     G = args.num_generations  # completions per prompt: a group
     if G < 1 or args.per_device_batch_size % G:
-        raise SystemExit(f"--num-generations ({G}) must be 1 or more, and --per-device-batch-size "
-                         f"({args.per_device_batch_size}), which counts completions, a multiple of it: every process "
-                         "holds whole groups")
+        raise SystemExit(f"--per-device-batch-size ({args.per_device_batch_size}) counts completions: it must be a "
+                         f"multiple of --num-generations ({G}, 1 or more), so that every process holds whole groups")
     if G < 2:
         raise SystemExit(f"--num-generations {G}: GRPO compares each completion with the others of its prompt, G >= 2")
     unit = "completions"
@@ -290,8 +289,7 @@ if __name__ == "__main__":
     leftover = len(train_examples) - batches_per_epoch * (global_batch_size // G)
     print0(
         f"{len(train_examples)} training prompts, {G} completion(s) each, {batches_per_epoch} steps per epoch, "
-        f"{total_steps} steps" + (f"; each epoch's last {leftover} prompts (drawn anew each epoch) wait for the next "
-                                  "epoch" if leftover else "")
+        f"{total_steps} steps" + (f"; each epoch leaves {leftover} prompts (redrawn) to the next" if leftover else "")
     )
 
     # ------------------------------------------------------------------ models

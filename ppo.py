@@ -27,9 +27,8 @@ scoring, the advantages, the losses, the steps). The rest is setup, data, checkp
 every script; common.Scorer turns scores into s_phi, as in una_online.py.
 
 How this script departs from the papers and N+:
-  1. The score at the last token is the normalized s_phi in [0, 1] of una_online.py (same
-     --reward-fn / --reward-model / --reward-range), so beta and the reward live on the same scale
-     in both scripts. N+ normalizes the reward model's output with reference samples instead.
+  1. The score at the last token is una_online.py's normalized s_phi in [0, 1] (the same reward flags), so beta and
+     the reward share one scale in both scripts; N+ normalizes the reward model's output with reference samples.
   2. The value model is initialized from the reward model (N+) when it shares the policy's
      vocabulary, else from the policy, with a zero-initialized scalar head (V = 0 at the start).
   3. Mini-batch m holds rows m, m + M, m + 2M, ... of each micro-batch, in the same order every PPO
@@ -42,11 +41,11 @@ How this script departs from the papers and N+:
      A checkpoint holds the value model's weights and its optimizer (gathered whole to rank 0 under FSDP).
   7. No --temperature or --top-p: samples come from pi itself (T = 1), as ratio and KL assume (TRL: logits / T).
 
-Data: the prompts of any dataset; only the "prompt" column is read (plain text or a list of
-messages), so prompts-only, pairwise, binary and score files all work and their other columns
-are ignored. A reward function gets the prompts as they are, and each completion as text, or
-for a list of messages as [{"role": "assistant", "content": text}]; it returns one finite
-number per sample (one that raises or returns anything else stops the run, naming the row).
+Data: the prompts of any dataset; only the "prompt" column is read (plain text or a list of messages), so
+prompts-only, pairwise, binary and score files all work and their other columns are ignored. A reward function
+gets the prompts as they are, and each completion as text, or for a list of messages as [{"role": "assistant",
+"content": text}]; it returns one finite number per sample (one that raises or returns anything else stops the
+run, naming the row).
 
 Run:
     python ppo.py                                      # built-in task, CPU, a few minutes (3 epochs)
@@ -324,9 +323,8 @@ if __name__ == "__main__":
     global_batch_size = args.per_device_batch_size * world_size * args.gradient_accumulation_steps
     G = args.num_generations  # completions per prompt: a group
     if G < 1 or args.per_device_batch_size % G:
-        raise SystemExit(f"--num-generations ({G}) must be 1 or more, and --per-device-batch-size "
-                         f"({args.per_device_batch_size}), which counts completions, a multiple of it: every process "
-                         "holds whole groups")
+        raise SystemExit(f"--per-device-batch-size ({args.per_device_batch_size}) counts completions: it must be a "
+                         f"multiple of --num-generations ({G}, 1 or more), so that every process holds whole groups")
     unit, M = "completions", args.num_mini_batches  # M: mini-batches per micro-batch of samples
     if args.lora_merge and args.lora_r == 0:
         raise SystemExit("--lora-merge saves the policy with its LoRA adapter merged in: it needs --lora-r above 0")
@@ -362,8 +360,7 @@ if __name__ == "__main__":
     leftover = len(train_examples) - batches_per_epoch * (global_batch_size // G)
     print0(
         f"{len(train_examples)} training prompts, {G} completion(s) each, {batches_per_epoch} steps per epoch, "
-        f"{total_steps} steps" + (f"; each epoch's last {leftover} prompts (drawn anew each epoch) wait for the next "
-                                  "epoch" if leftover else "")
+        f"{total_steps} steps" + (f"; each epoch leaves {leftover} prompts (redrawn) to the next" if leftover else "")
     )
     updates_per_step = args.ppo_epochs * M  # optimizer steps on each batch of samples
 

@@ -160,7 +160,7 @@ def test_metrics_against_the_logged_samples(runs):
 
 def test_group_sizes_that_split_a_group_or_compare_nothing_are_refused(runs):
     for name, message in (("g1", "--num-generations 1: GRPO compares each completion with the others"),
-                          ("split-group", "--per-device-batch-size (6), which counts completions, a multiple of it")):  # fmt: skip
+                          ("split-group", "--per-device-batch-size (6) counts completions: it must be a multiple of --num-generations (4")):  # fmt: skip
         assert runs[name].code != 0 and "Traceback" not in runs[name].log and message in runs[name].log, runs[name].log
 
 

@@ -135,7 +135,7 @@ def test_reward_functions_are_called_on_a_batch_and_bad_output_names_the_functio
     for fn, message in [
         (fails_on_the_second, (r"--reward-fn m:f: raised ZeroDivisionError: .* on row 1 of the batch \(prompt .*, "
                                r"completion 'the pizza \.'\)")),
-        (lambda p, c: [1.0], r"--reward-fn m:f: returned 1 scores for a batch of 2 rows"),
+        (lambda p, c: [1.0], r"--reward-fn m:f: returned 1 score\(s\) for a batch of 2 rows"),
         (lambda p, c: 0.5, r"--reward-fn m:f: returned 0.5 for a batch of 2 rows"),
         (lambda p, c: [1.0, float("nan")], r"--reward-fn m:f: returned nan for row 1 of the batch .*finite"),
         (lambda p, c: ["high", 1.0], r"--reward-fn m:f: returned 'high' for row 0 of the batch"),
@@ -287,7 +287,7 @@ def test_groups_of_g_completions_per_prompt_sampled_in_one_call(runs):
     assert "global batch 8 completions" in runs["groups"].log
     run = runs["split-group"]
     assert run.code != 0 and "Traceback" not in run.log
-    assert "--num-generations (3) must be 1 or more, and --per-device-batch-size (8), which counts completions" in run.log
+    assert "--per-device-batch-size (8) counts completions: it must be a multiple of --num-generations (3, 1" in run.log
 
 
 # greedy samples (tests/greedy.py: the samples no longer depend on the per-rank seed), G = 4 completions per prompt,
